@@ -1,0 +1,43 @@
+# hafs: two-node high availability with synchronous file replication.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
+	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc
+
+.PHONY: install install-system install-python test lint unit bench-fs clean
+
+install: install-system install-python
+
+install-system:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@modprobe fuse 2>/dev/null || true
+
+install-python:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@$(VENV)/bin/hafs --help >/dev/null && echo "installed: $(VENV)/bin/hafs"
+
+lint:
+	$(VENV)/bin/ruff check hafs tests bench
+	$(VENV)/bin/ruff format --check hafs tests bench
+	$(VENV)/bin/mypy hafs
+
+test: install lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+bench-fs: install
+	$(PY) bench/fs.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

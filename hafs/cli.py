@@ -1,0 +1,192 @@
+"""The `hafs` command line. Exit codes: 0 success, 1 a check found differences or the
+process failed at run time, 2 bad usage or bad input (key, address, directory)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from hafs import manifest, protocol, status, wire
+from hafs.state import default_state_dir
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="hafs: two-node high availability with synchronous file replication.",
+)
+fs_app = typer.Typer(no_args_is_help=True, help="The data path: mount, replica, verify.")
+app.add_typer(fs_app, name="fs")
+
+KeyOpt = Annotated[Path, typer.Option("--key", help="cluster key file (hafs keygen)")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="state directory (default: $HAFS_ROOT/fs/<escaped DIR>)"),
+]
+DirArg = Annotated[Path, typer.Argument(help="the replicated directory")]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"hafs: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    node = socket.gethostname()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {node} %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _key(path: Path) -> bytes:
+    try:
+        return protocol.read_key(str(path))
+    except OSError as e:
+        _fail(f"cannot read key {path}: {e.strerror}")
+    except protocol.AuthError as e:
+        _fail(str(e))
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return wire.parse_hostport(text)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _directory(path: Path) -> str:
+    if not path.is_dir():
+        _fail(f"{path}: not a directory")
+    return str(path.resolve())
+
+
+@app.command()
+def keygen(file: Annotated[Path, typer.Argument(help="where to write the new key")]) -> None:
+    """Write a new random cluster key (mode 0600); copy the same file to both nodes."""
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _fail(f"{file} exists; refusing to overwrite a cluster key")
+    with os.fdopen(fd, "w") as f:
+        f.write(protocol.new_key().hex() + "\n")
+    typer.echo(f"wrote {file}")
+
+
+@fs_app.command("replica")
+def fs_replica(
+    dir: DirArg,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to accept the mount on")],
+    key: KeyOpt,
+    state_dir: StateOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Run the replica server in the foreground: apply the authenticated stream under DIR."""
+    from hafs.mount import run_replica
+
+    _setup_logging(verbose)
+    data_dir = _directory(dir)
+    try:
+        run_replica(
+            data_dir, _hostport(listen), _key(key), state_dir or default_state_dir(data_dir)
+        )
+    except OSError as e:
+        _fail(f"replica: {e}", 1)
+
+
+@fs_app.command("mount")
+def fs_mount(
+    dir: DirArg,
+    peer: Annotated[str | None, typer.Option("--peer", help="HOST:PORT of the replica")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="cluster key file")] = None,
+    standalone: Annotated[bool, typer.Option(help="no peer: the benchmark baseline")] = False,
+    mountpoint: Annotated[Path | None, typer.Option(help="mount here instead of over DIR")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for an ack before ALONE")] = 5.0,
+    state_dir: StateOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Mount hafs over DIR (foreground); SIGTERM/SIGINT drain the stream and unmount."""
+    from hafs.mount import MountConfig, run_mount
+
+    _setup_logging(verbose)
+    data_dir = _directory(dir)
+    if standalone == (peer is not None):
+        _fail("give either --peer HOST:PORT with --key, or --standalone")
+    if peer is not None and key is None:
+        _fail("--peer needs --key")
+    cfg = MountConfig(
+        data_dir=data_dir,
+        mountpoint=_directory(mountpoint) if mountpoint else data_dir,
+        state_dir=state_dir or default_state_dir(data_dir),
+        peer=_hostport(peer) if peer else None,
+        key=_key(key) if key else None,
+        timeout=timeout,
+    )
+    try:
+        run_mount(cfg)
+    except (OSError, RuntimeError) as e:
+        _fail(f"mount: {e}", 1)
+
+
+@fs_app.command("status")
+def fs_status(
+    dir: Annotated[Path | None, typer.Argument()] = None, state_dir: StateOpt = None
+) -> None:
+    """Print the running mount's or replica's status as JSON."""
+    if state_dir is None:
+        if dir is None:
+            _fail("give DIR or --state-dir")
+        state_dir = default_state_dir(str(dir))
+    try:
+        typer.echo(json.dumps(status.query(state_dir / "status.sock"), indent=2))
+    except (OSError, ValueError) as e:
+        _fail(f"no hafs process answers at {state_dir}: {e}", 1)
+
+
+@fs_app.command("verify")
+def fs_verify(
+    dir: DirArg,
+    peer: Annotated[str, typer.Option("--peer", help="HOST:PORT of the replica")],
+    key: KeyOpt,
+    timeout: float = 300.0,
+) -> None:
+    """Compare this node's tree with the replica's; exit 0 if identical, 1 if not."""
+    data_dir = _directory(dir)
+    try:
+        remote = _fetch_manifest(_hostport(peer), _key(key), timeout)
+    except (OSError, protocol.ProtocolError, manifest.ManifestError) as e:
+        _fail(f"verify: cannot get the replica's manifest: {e}", 1)
+    local = manifest.build_manifest(data_dir)
+    differences = manifest.compare(local, remote)
+    if not differences:
+        typer.echo(f"identical: {len(local)} entries")
+        return
+    for line in differences:
+        typer.echo(line)
+    typer.echo(f"{len(differences)} differences", err=True)
+    raise typer.Exit(1)
+
+
+def _fetch_manifest(addr: tuple[str, int], key: bytes, timeout: float) -> dict[str, manifest.Entry]:
+    sock, keys = wire.connect(addr, key, protocol.Purpose.VERIFY, timeout)
+    with sock:
+        writer, reader = protocol.FrameWriter(keys.send), protocol.FrameReader(keys.recv)
+        sock.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST_REQ)))
+        chunks: list[bytes] = []
+        while True:
+            frames = wire.recv_frames(sock, reader)
+            if not frames:
+                raise protocol.ProtocolError("replica closed before the manifest ended")
+            for frame in frames:
+                if frame.ftype is not protocol.FrameType.MANIFEST:
+                    raise protocol.ProtocolError(f"unexpected {frame.ftype.name} frame")
+                if not frame.payload:
+                    return manifest.from_bytes(b"".join(chunks))
+                chunks.append(bytes(frame.payload))

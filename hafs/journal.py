@@ -1,0 +1,84 @@
+"""The ALONE journal: which files and byte ranges changed while the peer was not in sync.
+
+Kept outside the replicated directory (in the state directory), append-only, one JSON
+record per line. A record is made durable *before* the local change it describes, so a
+crash can lose a journal line only for a change that never happened (I5). Data ranges are
+recorded per 1 MiB chunk and deduplicated, so a database rewriting the same pages pays one
+fdatasync per chunk, not one per write. The resync (issue 4) consumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    kind: str  # "data", "meta", "entry" (created/removed/renamed name), "inflight"
+    path: str
+    ino: int
+    chunk: int = -1  # for "data": the 1 MiB chunk index
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: set[tuple[str, str, int]] = set()
+        self._records: list[JournalRecord] = []
+        self._load()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def _load(self) -> None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return
+        for line in text.splitlines():
+            try:
+                d = json.loads(line)
+                rec = JournalRecord(d["kind"], d["path"], d["ino"], d.get("chunk", -1))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a crash: its change never happened
+            self._remember(rec)
+
+    def _remember(self, rec: JournalRecord) -> bool:
+        key = (rec.kind, rec.path, rec.chunk)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._records.append(rec)
+        return True
+
+    def record(self, kind: str, path: str, ino: int, offset: int = 0, length: int = 0) -> None:
+        """Durably note a change to come; data ranges are split into 1 MiB chunks."""
+        if kind == "data":
+            first, last = offset // CHUNK, max(offset + length - 1, offset) // CHUNK
+            recs = [JournalRecord(kind, path, ino, c) for c in range(first, last + 1)]
+        else:
+            recs = [JournalRecord(kind, path, ino)]
+        new = [r for r in recs if self._remember(r)]
+        if not new:
+            return
+        now = time.time()
+        lines = "".join(
+            json.dumps({"kind": r.kind, "path": r.path, "ino": r.ino, "chunk": r.chunk, "t": now})
+            + "\n"
+            for r in new
+        )
+        os.write(self._fd, lines.encode())
+        os.fdatasync(self._fd)
+
+    def records(self) -> list[JournalRecord]:
+        return list(self._records)
+
+    def paths(self) -> list[str]:
+        return sorted({r.path for r in self._records})
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,133 @@
+"""Running the data process: the mount (primary) and the replica server, in the foreground."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from hafs.fs import HafsOperations
+from hafs.journal import Journal
+from hafs.replica import ReplicaServer
+from hafs.replicator import Mode, Replicator
+from hafs.state import StateStore
+from hafs.status import StatusServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    data_dir: str
+    mountpoint: str
+    state_dir: Path
+    peer: tuple[str, int] | None  # None: standalone
+    key: bytes | None
+    timeout: float
+
+
+def _prepare_process() -> None:
+    # Modes come from the callers (their umask is applied by the kernel/handlers), never
+    # from ours; and a database opens many files.
+    os.umask(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_mount(cfg: MountConfig) -> None:
+    _prepare_process()
+    state = StateStore(cfg.state_dir)
+    journal = Journal(cfg.state_dir / "journal")
+    # Open the backing directory before mounting: with the mount over DIR itself, this fd
+    # is the only way left to reach the files underneath.
+    root_fd = os.open(cfg.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
+    operations = HafsOperations(root_fd, replicator)
+    replicator.path_of = operations.path_of
+    _start_mode(replicator, state, journal)
+    options = set(pyfuse3.default_options) | {"fsname=hafs", "subtype=hafs", "allow_other"}
+    pyfuse3.init(operations, cfg.mountpoint, options)
+    status = StatusServer(
+        cfg.state_dir / "status.sock",
+        lambda: {
+            "role": "mount",
+            "dir": cfg.data_dir,
+            "mountpoint": cfg.mountpoint,
+            **replicator.snapshot(),
+        },
+    )
+    log.info("mounted %s over %s (%s)", cfg.mountpoint, cfg.data_dir, replicator.mode.value)
+    try:
+        status.start()
+        trio.run(_serve, replicator)
+    finally:
+        status.close()
+        pyfuse3.close(unmount=True)
+        journal.close()
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+def _start_mode(replicator: Replicator, state: StateStore, journal: Journal) -> None:
+    """A mount that was ALONE, or crashed mid-stream, must not mirror before a resync."""
+    if replicator.mode is Mode.STANDALONE:
+        state.update(role="mount", mode=Mode.STANDALONE.value)
+        return
+    if state.current.mode == Mode.ALONE.value:
+        replicator.mode = Mode.ALONE
+        replicator.reason = "was ALONE before this start: the peer needs a resync"
+    elif state.current.session_open:
+        replicator.mode = Mode.ALONE
+        replicator.reason = "previous run ended uncleanly: in-flight writes need a resync"
+        journal.record("unclean", "", 0)
+        state.update(mode=Mode.ALONE.value, session_open=False)
+    if replicator.mode is Mode.ALONE:
+        log.warning("starting ALONE: %s", replicator.reason)
+
+
+async def _serve(replicator: Replicator) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(replicator.run)
+        await pyfuse3.main()
+        # main returns after terminate(): every request answered, so drain the stream.
+        with trio.move_on_after(replicator.timeout + 1):
+            await replicator.drain()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %s: draining and unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run_replica(data_dir: str, listen: tuple[str, int], key: bytes, state_dir: Path) -> None:
+    _prepare_process()
+    state = StateStore(state_dir)
+    state.update(role="replica")
+    server = ReplicaServer(data_dir, listen, key, state)
+    status = StatusServer(state_dir / "status.sock", server.snapshot)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: stopping the replica server", signal.Signals(signum).name)
+        stop.set()
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status.start()
+    log.info("replica of %s listening on %s:%s", data_dir, *server.listen_addr)
+    try:
+        server.serve_forever()
+    finally:
+        status.close()

@@ -1,0 +1,307 @@
+"""The primary side of the stream: sends ops in order, waits for the replica's acks,
+and degrades to ALONE (I5) when the replica fails, hangs or goes away.
+
+Ordering (I2) comes from one FIFO outbox drained by one sender task: a handler applies its
+change locally and calls `send` without awaiting in between, so the stream order is the
+order in which the changes were made. Acknowledgement (I1) is cumulative: ACK n means
+every op up to n was applied; SYNCED n means the FSYNC op n is durable on the replica.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import trio
+
+from hafs import ops
+from hafs import protocol as p
+from hafs.journal import Journal
+from hafs.state import StateStore
+
+log = logging.getLogger(__name__)
+
+CONNECT_ATTEMPT_TIMEOUT = 2.0
+IOV_BATCH = 512  # below IOV_MAX (1024)
+
+
+class Mode(StrEnum):
+    CONNECTING = "CONNECTING"
+    MIRROR = "MIRROR"
+    ALONE = "ALONE"
+    STANDALONE = "STANDALONE"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an op changed, for the journal if it is still in flight when the peer fails."""
+
+    seq: int
+    kind: str
+    ino: int
+    offset: int
+    length: int
+
+
+class Replicator:
+    def __init__(
+        self,
+        peer: tuple[str, int] | None,
+        key: bytes | None,
+        timeout: float,
+        state: StateStore,
+        journal: Journal,
+        path_of: Callable[[int], str],
+    ) -> None:
+        self.peer = peer
+        self.key = key
+        self.timeout = timeout
+        self.state = state
+        self.journal = journal
+        self.path_of = path_of
+        self.mode = Mode.STANDALONE if peer is None else Mode.CONNECTING
+        self.reason = ""
+        self._sock: trio.socket.SocketType | None = None
+        self._writer: p.FrameWriter | None = None
+        self._outbox: list[bytes] = []
+        self._outbox_ready = trio.Event()
+        self._acked = 0
+        self._ack_waiters: list[tuple[int, int, trio.Event]] = []
+        self._sync_waiters: dict[int, trio.Event] = {}
+        self._inflight: deque[Change] = deque()
+        self._tiebreak = itertools.count()
+        self._cancel = trio.CancelScope()
+        self.sent_ops = 0
+
+    # -- called by the file system handlers ----------------------------------------------
+
+    @property
+    def mirroring(self) -> bool:
+        return self.mode is Mode.MIRROR
+
+    def journal_if_alone(self, kind: str, ino: int, offset: int = 0, length: int = 0) -> None:
+        """Before a local change: in ALONE mode, make the journal line durable first."""
+        if self.mode is Mode.ALONE:
+            self.journal.record(kind, self.path_of(ino), ino, offset, length)
+
+    def send(
+        self, frame: ops.OpFrame, kind: str = "", ino: int = 0, offset: int = 0, length: int = 0
+    ) -> int:
+        """Queue one op after its local change; returns its seq, 0 when not mirroring."""
+        if self.mode is not Mode.MIRROR or self._writer is None:
+            return 0
+        bufs = self._writer.seal(p.FrameType.OP, *ops.encode(frame))
+        seq = self._writer.seq
+        self._outbox.extend(bufs)
+        self._outbox_ready.set()
+        if kind:
+            self._inflight.append(Change(seq, kind, ino, offset, length))
+        self.sent_ops += 1
+        return seq
+
+    async def applied(self, seq: int) -> None:
+        """Wait until the replica applied op seq; on timeout degrade and return."""
+        if seq == 0 or seq <= self._acked or self.mode is not Mode.MIRROR:
+            return
+        event = trio.Event()
+        heapq.heappush(self._ack_waiters, (seq, next(self._tiebreak), event))
+        await self._wait(event, f"op {seq}")
+
+    async def synced(self, seq: int) -> None:
+        """Wait until the replica made FSYNC op seq durable."""
+        if seq == 0 or self.mode is not Mode.MIRROR:
+            return
+        # SYNCED may have arrived while the local fsync ran: its event is then already set.
+        event = self._sync_waiters.setdefault(seq, trio.Event())
+        try:
+            await self._wait(event, f"fsync {seq}")
+        finally:
+            self._sync_waiters.pop(seq, None)
+
+    async def _wait(self, event: trio.Event, what: str) -> None:
+        with trio.move_on_after(self.timeout):
+            await event.wait()
+            return
+        self.degrade(f"peer did not acknowledge {what} within {self.timeout:g} s")
+
+    # -- degrade -------------------------------------------------------------------------
+
+    def degrade(self, reason: str) -> None:
+        """Stop replicating: journal what is in flight, persist ALONE, release waiters."""
+        if self.mode not in (Mode.MIRROR, Mode.CONNECTING):
+            return
+        self.mode = Mode.ALONE
+        self.reason = reason
+        log.error(
+            "replication to %s stopped: %s; going ALONE (changes journaled)",
+            self._peer_text(),
+            reason,
+        )
+        for change in self._inflight:
+            if change.seq > self._acked:
+                self.journal.record(
+                    change.kind, self.path_of(change.ino), change.ino, change.offset, change.length
+                )
+        self._inflight.clear()
+        self.state.update(mode=Mode.ALONE.value, generation=self.state.current.generation + 1)
+        for _, _, event in self._ack_waiters:
+            event.set()
+        self._ack_waiters.clear()
+        for event in self._sync_waiters.values():
+            event.set()
+        self._sync_waiters.clear()
+        self._outbox.clear()
+        self._cancel.cancel()
+
+    def _peer_text(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-"
+
+    # -- the connection ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, then run the sender and receiver until the stream ends or fails."""
+        if self.mode is not Mode.CONNECTING:
+            return
+        with self._cancel:
+            try:
+                await self._connect()
+            except (OSError, p.ProtocolError, trio.TooSlowError) as e:
+                self.degrade(f"cannot reach the replica: {e}")
+                return
+            self.mode = Mode.MIRROR
+            self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
+            log.info("mirroring to %s", self._peer_text())
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender)
+                    nursery.start_soon(self._receiver)
+            except (OSError, p.ProtocolError) as e:
+                self.degrade(f"stream failed: {e}")
+
+    async def _connect(self) -> None:
+        assert self.peer is not None and self.key is not None
+        deadline = trio.current_time() + max(self.timeout, CONNECT_ATTEMPT_TIMEOUT)
+        while True:
+            try:
+                with trio.fail_after(CONNECT_ATTEMPT_TIMEOUT):
+                    await self._try_connect()
+                return
+            except (OSError, trio.TooSlowError):
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.2)
+
+    async def _try_connect(self) -> None:
+        assert self.peer is not None and self.key is not None
+        sock = trio.socket.socket(socket.AF_INET6 if ":" in self.peer[0] else socket.AF_INET)
+        try:
+            await sock.connect(self.peer)
+            keys = await _handshake(sock, self.key)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._writer = p.FrameWriter(keys.send)
+        self._reader = p.FrameReader(keys.recv)
+
+    async def _sender(self) -> None:
+        assert self._sock is not None
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            bufs, self._outbox = self._outbox, []
+            await _send_all(self._sock, bufs)
+
+    async def _receiver(self) -> None:
+        assert self._sock is not None
+        while True:
+            data = await self._sock.recv(1 << 16)
+            if not data:
+                raise p.ProtocolError("replica closed the connection")
+            self._reader.feed(data)
+            for frame in self._reader.frames():
+                self._on_frame(frame)
+
+    def _on_frame(self, frame: p.Frame) -> None:
+        if frame.ftype is p.FrameType.ACK:
+            self._on_ack(p.ACK_BODY.unpack(frame.payload)[0])
+        elif frame.ftype is p.FrameType.SYNCED:
+            (seq,) = p.ACK_BODY.unpack(frame.payload)
+            self._sync_waiters.setdefault(seq, trio.Event()).set()
+        elif frame.ftype is p.FrameType.FAILED:
+            seq, err = p.FAILED_BODY.unpack(frame.payload)
+            raise p.ProtocolError(f"replica could not apply op {seq}: {os.strerror(err)}")
+        else:
+            raise p.ProtocolError(f"unexpected {frame.ftype.name} frame from the replica")
+
+    def _on_ack(self, seq: int) -> None:
+        self._acked = max(self._acked, seq)
+        while self._inflight and self._inflight[0].seq <= seq:
+            self._inflight.popleft()
+        while self._ack_waiters and self._ack_waiters[0][0] <= seq:
+            heapq.heappop(self._ack_waiters)[2].set()
+
+    async def drain(self) -> None:
+        """Clean end: send BYE and wait until the replica applied everything."""
+        if self.mode is not Mode.MIRROR or self._writer is None:
+            return
+        self._outbox.extend(self._writer.seal(p.FrameType.BYE))
+        self._outbox_ready.set()
+        await self.applied(self._writer.seq)
+        if self.mode is Mode.MIRROR:
+            self.state.update(session_open=False)
+            log.info("stream to %s drained and closed", self._peer_text())
+        self._cancel.cancel()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "mode": self.mode.value,
+            "peer": self._peer_text(),
+            "reason": self.reason,
+            "acked": self._acked,
+            "sent_ops": self.sent_ops,
+            "inflight": len(self._inflight),
+            "journal": self.journal.paths(),
+        }
+
+
+async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await sock.recv(n - len(buf))
+        if not chunk:
+            raise p.ProtocolError("replica closed the connection during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _handshake(sock: trio.socket.SocketType, key: bytes) -> p.SessionKeys:
+    ns = p.parse_hello(await _recv_exact(sock, p.HELLO.size))
+    nc = os.urandom(p.NONCE_LEN)
+    await sock.send(p.client_auth(key, ns, nc, p.Purpose.MIRROR))
+    p.check_server_proof(key, ns, nc, p.Purpose.MIRROR, await _recv_exact(sock, p.AUTH_OK.size))
+    return p.derive_keys(key, ns, nc, is_client=True)
+
+
+async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes]) -> None:
+    """sendmsg the buffers without joining them, resuming after partial sends."""
+    views = deque(memoryview(b) for b in bufs if b)
+    while views:
+        sent = await sock.sendmsg(list(itertools.islice(views, IOV_BATCH)))
+        if sent <= 0:
+            raise OSError(errno.EPIPE, "replica connection closed")
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.popleft())
+            else:
+                views[0] = views[0][sent:]
+                sent = 0

@@ -1,0 +1,76 @@
+"""Per-directory persistent state of a mount or a replica (the up-to-date flag, I7).
+
+Each replicated directory gets a state directory of its own (default
+$HAFS_ROOT/fs/<escaped path>, HAFS_ROOT defaulting to /var/lib/hafs) holding state.json,
+the ALONE journal and the status socket, so two mounts or a mount and a replica on one
+machine never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+DEFAULT_ROOT = "/var/lib/hafs"
+
+
+def default_state_dir(data_dir: str) -> Path:
+    root = os.environ.get("HAFS_ROOT", DEFAULT_ROOT)
+    escaped = os.path.abspath(data_dir).strip("/").replace("-", "\\x2d").replace("/", "-")
+    return Path(root) / "fs" / (escaped or "root")
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What must survive a crash of the process or of the node.
+
+    mode: MIRROR (every change reached the peer), ALONE (changes since are journaled, the
+    peer is stale) or STANDALONE (no peer configured).
+    uptodate: this copy holds every acknowledged change (a replica that refused an op,
+    or whose stream broke mid-resync, is not).
+    session_open: a mirror session started and has not ended cleanly; found true at start,
+    it means this process crashed and ops may have been in flight.
+    """
+
+    role: str = ""
+    mode: str = "MIRROR"
+    uptodate: bool = True
+    session_open: bool = False
+    generation: int = 0
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = state_dir / "state.json"
+        self.current = self._load()
+
+    def _load(self) -> NodeState:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return NodeState()
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"{self.path}: unreadable state ({e}); remove it to reset") from e
+        known = {k: v for k, v in data.items() if k in NodeState.__dataclass_fields__}
+        return NodeState(**known)
+
+    def update(self, **changes: object) -> NodeState:
+        """Persist durably (write, fsync, rename, fsync dir) before returning."""
+        new = replace(self.current, **changes)  # type: ignore[arg-type]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(new), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.current = new
+        return new

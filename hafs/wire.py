@@ -1,0 +1,67 @@
+"""Blocking-socket plumbing shared by the replica server and the CLI clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from hafs import protocol as p
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise p.ProtocolError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def client_handshake(sock: socket.socket, key: bytes, purpose: p.Purpose) -> p.SessionKeys:
+    """Authenticate to a replica server (both sides prove they hold the key)."""
+    ns = p.parse_hello(recv_exact(sock, p.HELLO.size))
+    nc = os.urandom(p.NONCE_LEN)
+    sock.sendall(p.client_auth(key, ns, nc, purpose))
+    p.check_server_proof(key, ns, nc, purpose, recv_exact(sock, p.AUTH_OK.size))
+    return p.derive_keys(key, ns, nc, is_client=True)
+
+
+def server_handshake(sock: socket.socket, key: bytes) -> tuple[p.SessionKeys, p.Purpose]:
+    ns = os.urandom(p.NONCE_LEN)
+    sock.sendall(p.server_hello(ns))
+    nc, purpose = p.check_client_auth(key, ns, recv_exact(sock, p.AUTH.size))
+    sock.sendall(p.server_proof(key, ns, nc, purpose))
+    return p.derive_keys(key, ns, nc, is_client=False), purpose
+
+
+def connect(
+    addr: tuple[str, int], key: bytes, purpose: p.Purpose, timeout: float
+) -> tuple[socket.socket, p.SessionKeys]:
+    sock = socket.create_connection(addr, timeout=timeout)
+    try:
+        keys = client_handshake(sock, key, purpose)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, keys
+
+
+def recv_frames(sock: socket.socket, reader: p.FrameReader) -> list[p.Frame]:
+    """Block until at least one whole frame arrived; [] means the peer closed."""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return []
+        reader.feed(data)
+        frames = reader.frames()
+        if frames:
+            return frames

@@ -1,0 +1,328 @@
+"""Run hafs replica and mount processes for tests and benchmarks.
+
+Every process is started with its output in a log file inside its state dir, becomes "ready"
+only when its status socket answers, and is always stopped by the context managers, which
+also remove a FUSE mount the process left behind: a stale mount breaks every later run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HAFS_BIN = Path(sys.executable).parent / "hafs"
+STATUS_SOCK = "status.sock"
+# Long enough for a mount over a big directory tree, short enough that a hung start fails a
+# test instead of eating the pytest timeout.
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class ClusterError(RuntimeError):
+    """A hafs process did not start, answer or stop as expected."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def status(state_dir: Path | str, timeout: float = 5.0) -> dict[str, Any]:
+    """The JSON object served on STATE_DIR/status.sock; raises ClusterError on any failure."""
+    path = Path(state_dir) / STATUS_SOCK
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        result = json.loads(b"".join(chunks))
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"status {path}: {e}") from e
+    if not isinstance(result, dict):
+        raise ClusterError(f"status {path}: not a JSON object: {result!r}")
+    return result
+
+
+def _unescape_mountinfo(field_: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) for every mount visible to this process."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            result.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
+    return result
+
+
+def _normal(path: Path | str) -> str:
+    # Resolve only the parent: stat()ing a dead FUSE mount point itself fails with ENOTCONN.
+    p = Path(os.path.abspath(path))
+    return str(p.parent.resolve() / p.name) if p.name else str(p)
+
+
+def is_mounted(path: Path | str) -> bool:
+    """True if PATH is a mount point (reads /proc/self/mountinfo, never touches PATH)."""
+    target = _normal(path)
+    return any(mp == target for mp, _ in mounts())
+
+
+def fuse_mounts_under(base: Path | str) -> list[str]:
+    """FUSE mount points at or below BASE, deepest first (the order to unmount them in)."""
+    root = _normal(base)
+    found = [
+        mp
+        for mp, fstype in mounts()
+        if fstype.startswith("fuse") and (mp == root or mp.startswith(root + "/"))
+    ]
+    return sorted(found, key=len, reverse=True)
+
+
+def force_unmount(path: Path | str) -> None:
+    """Remove a mount even if its daemon is dead or hung: fusermount3 -u -z, then umount -l."""
+    for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+        if not is_mounted(path):
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run([*cmd, str(path)], capture_output=True, timeout=10, check=False)
+    if is_mounted(path):
+        raise ClusterError(f"could not unmount {path}")
+
+
+@dataclass(kw_only=True)
+class HafsProc:
+    """One foreground hafs process; subclasses build the command line."""
+
+    state_dir: Path
+    name: str = "hafs"
+    hafs_bin: Path = HAFS_BIN
+    extra_args: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ClusterError(f"{self.name} was never started")
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> HafsProc:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # so the log is complete when it dies
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
+            log.flush()
+            # Own session: a Ctrl-C aimed at pytest must not reach the daemon before the
+            # fixture's orderly stop does.
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            return f"(no log: {e})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _is_ready(self) -> bool:
+        try:
+            status(self.state_dir, timeout=2.0)
+        except ClusterError:
+            return False
+        return True
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Poll the status socket until it answers; raise with the log tail if we give up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ClusterError(f"{self.name} exited ({code}) before ready:\n{self.log_tail()}")
+            if self._is_ready():
+                return status(self.state_dir)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        return status(self.state_dir)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait up to TIMEOUT, then SIGKILL. Returns the exit code (None if never run)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; a mount is left behind for the caller to inspect."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT)
+
+
+@dataclass(kw_only=True)
+class ReplicaProc(HafsProc):
+    directory: Path
+    listen: str  # HOST:PORT
+    key: Path
+    name: str = "replica"
+
+    def command(self) -> list[str]:
+        args = ["fs", "replica", str(self.directory), "--listen", self.listen]
+        args += ["--key", str(self.key), "--state-dir", str(self.state_dir)]
+        return [str(self.hafs_bin), *args, *self.extra_args]
+
+
+@dataclass(kw_only=True)
+class MountProc(HafsProc):
+    directory: Path
+    mountpoint: Path | None = None  # None: mounted over DIRECTORY itself
+    peer: str | None = None  # HOST:PORT; None means --standalone
+    key: Path | None = None
+    timeout: float | None = None
+    name: str = "mount"
+
+    @property
+    def target(self) -> Path:
+        """Where the file system appears."""
+        return self.mountpoint if self.mountpoint is not None else self.directory
+
+    def command(self) -> list[str]:
+        args = ["fs", "mount", str(self.directory)]
+        if self.peer is None:
+            args.append("--standalone")
+        else:
+            args += ["--peer", self.peer, "--key", str(self.key)]
+        if self.mountpoint is not None:
+            args += ["--mountpoint", str(self.mountpoint)]
+        args += ["--state-dir", str(self.state_dir)]
+        if self.timeout is not None:
+            args += ["--timeout", str(self.timeout)]
+        return [str(self.hafs_bin), *args, *self.extra_args]
+
+    def _is_ready(self) -> bool:
+        return super()._is_ready() and is_mounted(self.target)
+
+    def cleanup(self) -> None:
+        """Stop the process and make sure nothing stays mounted."""
+        try:
+            self.stop()
+        finally:
+            force_unmount(self.target)
+
+
+@contextlib.contextmanager
+def replica(
+    directory: Path,
+    *,
+    listen: str,
+    key: Path,
+    state_dir: Path,
+    hafs_bin: Path = HAFS_BIN,
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = READY_TIMEOUT,
+) -> Iterator[ReplicaProc]:
+    """A ready replica server, stopped on exit whatever happens."""
+    proc = ReplicaProc(
+        state_dir=state_dir,
+        hafs_bin=hafs_bin,
+        extra_args=extra_args,
+        directory=directory,
+        listen=listen,
+        key=key,
+    )
+    try:
+        proc.start()
+        proc.wait_ready(ready_timeout)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def mount(
+    directory: Path,
+    *,
+    state_dir: Path,
+    peer: str | None = None,
+    key: Path | None = None,
+    mountpoint: Path | None = None,
+    timeout: float | None = None,
+    hafs_bin: Path = HAFS_BIN,
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = READY_TIMEOUT,
+) -> Iterator[MountProc]:
+    """A ready mount (peer=None: standalone); on exit it is stopped and surely unmounted."""
+    if (peer is None) != (key is None):
+        raise ValueError("peer and key go together; give neither for --standalone")
+    proc = MountProc(
+        state_dir=state_dir,
+        hafs_bin=hafs_bin,
+        extra_args=extra_args,
+        directory=directory,
+        mountpoint=mountpoint,
+        peer=peer,
+        key=key,
+        timeout=timeout,
+    )
+    try:
+        proc.start()
+        proc.wait_ready(ready_timeout)
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+def keygen(path: Path, hafs_bin: Path = HAFS_BIN) -> Path:
+    """Write a fresh cluster key with `hafs keygen`."""
+    result = subprocess.run(
+        [str(hafs_bin), "keygen", str(path)], capture_output=True, text=True, timeout=30
+    )
+    if result.returncode != 0:
+        raise ClusterError(f"hafs keygen failed ({result.returncode}): {result.stderr}")
+    return path
