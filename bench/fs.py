@@ -222,11 +222,11 @@ class Target:
     key: Path | None = None
     backing: Path | None = None
 
-    def info(self) -> dict[str, Any]:
+    def info(self, verify: bool = True) -> dict[str, Any]:
         if self.mount is None:
             return {}
         result: dict[str, Any] = {"mode": _mode(self.mount)}
-        if self.peer is not None:
+        if verify and self.peer is not None:
             result["verify"] = _verify(self)
         return result
 
@@ -301,22 +301,29 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    # Other load on this small VM skews everything; keep the evidence with the figures.
+    loadavg_start: float = 0.0
+    loadavg_end: float = 0.0
 
 
 def run_setup(name: str, rnd: int, base: Path, sz: Sizes, groups: list[str]) -> Run:
-    run = Run(name, rnd)
+    run = Run(name, rnd, loadavg_start=os.getloadavg()[0])
     t0 = time.monotonic()
     work = base / f"{name}-{rnd}"
     work.mkdir()
     try:
         with SETUP_FUNCS[name](work) as target:
-            for group in groups:
-                for measure in MEASUREMENTS[group]:
-                    os.sync()  # the previous step's dirty pages must not bill this one
-                    got = measure(target.path, sz)
-                    run.metrics.update(got)
-                    shown = ", ".join(f"{k}={v:.1f}" for k, v in got.items())
-                    _progress(f"  {name} r{rnd} {measure.__name__}: {shown}")
+            try:
+                for group in groups:
+                    for measure in MEASUREMENTS[group]:
+                        os.sync()  # the previous step's dirty pages must not bill this one
+                        got = measure(target.path, sz)
+                        run.metrics.update(got)
+                        shown = ", ".join(f"{k}={v:.1f}" for k, v in got.items())
+                        _progress(f"  {name} r{rnd} {measure.__name__}: {shown}")
+            except Exception:
+                run.info = target.info(verify=False)  # e.g. the mode it degraded to
+                raise
             run.info = target.info()
     except Exception as e:
         run.error = f"{type(e).__name__}: {e}"
@@ -324,6 +331,7 @@ def run_setup(name: str, rnd: int, base: Path, sz: Sizes, groups: list[str]) -> 
     finally:
         _remove(work)
         run.seconds = time.monotonic() - t0
+        run.loadavg_end = os.getloadavg()[0]
     return run
 
 
@@ -380,8 +388,9 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     lines.append("(ratio = setup / local;  ↑ higher is better, ↓ lower is better)")
     for n in names:
         for r in summary[n]["runs"]:
-            if r["error"] or r["info"]:
-                lines.append(f"{n} round {r['round']}: {r['error'] or r['info']}")
+            load = f"load {r['loadavg_start']:.1f}->{r['loadavg_end']:.1f}"
+            extra = " ".join(str(x) for x in (r["error"], r["info"]) if x)
+            lines.append(f"{n} round {r['round']}: {load} {extra}".rstrip())
     return "\n".join(lines)
 
 
@@ -428,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="hafs-bench-", dir=args.workdir))
     os.chmod(base, 0o755)  # mariadbd runs as mysql and must reach its datadir
     facts = workdir_facts(base)
+    if os.getloadavg()[0] > (os.cpu_count() or 1) / 2:
+        _progress(f"WARNING: load average {os.getloadavg()[0]:.1f}: figures will be skewed")
     if facts["fstype"] in ("tmpfs", "ramfs") or not facts["same_fs_as_repo"]:
         _progress(f"WARNING: work dir is not on the repo's disk: {facts}")
     started = time.strftime("%Y%m%d-%H%M%S")

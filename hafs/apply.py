@@ -97,9 +97,14 @@ class Applier:
     def apply(self, f: OpFrame) -> None:
         """Apply one op; OSError means it could not be applied, ProtocolError refused."""
         handler = _HANDLERS[f.op]
-        handler(self, f)
-        for t in f.times:
-            self._set_times(t)
+        try:
+            handler(self, f)
+            for t in f.times:
+                self._set_times(t)
+        except (OverflowError, ValueError) as e:
+            # An integer the system call cannot take (negative mode, uid >= 2**32 ...) or a
+            # NUL in a symlink target or xattr name: malformed, not a failure of this disk.
+            raise ProtocolError(f"{f.op.name}: {e}") from e
 
     def _set_times(self, t: FileTimes) -> None:
         node = self.node(t.ino)
@@ -145,7 +150,7 @@ class Applier:
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
-        except OSError:
+        except BaseException:
             os.close(fd)
             raise
         node = self._bind(ino, parent, name)

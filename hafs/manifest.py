@@ -119,7 +119,7 @@ class _Walk:
         if st is None or st.st_dev != self.dev or stat.S_ISDIR(st.st_mode):
             return  # gone, another file system, or a directory created after the listing
         if stat.S_ISREG(st.st_mode):
-            entry = self._file(dirfd, path, name, st)
+            entry = self._file(dirfd, path, name)
         elif stat.S_ISLNK(st.st_mode):
             entry = _symlink(dirfd, path, name, st)
         else:
@@ -129,7 +129,7 @@ class _Walk:
         if entry is not None:
             self.entries[path] = entry
 
-    def _file(self, dirfd: int, path: str, name: str, st: os.stat_result) -> Entry | None:
+    def _file(self, dirfd: int, path: str, name: str) -> Entry | None:
         try:
             fd = _open_file(dirfd, name)
         except OSError as e:
@@ -138,8 +138,8 @@ class _Walk:
             raise
         try:
             fst = os.fstat(fd)
-            if not stat.S_ISREG(fst.st_mode) or fst.st_ino != st.st_ino:
-                return None  # replaced between lstat and open
+            if not stat.S_ISREG(fst.st_mode):
+                return None  # replaced by a fifo or device between lstat and open
             digest = _digest(fd, self.buf)
             xattrs = _xattrs(fd)
         finally:
@@ -203,7 +203,7 @@ def _lstat(dirfd: int, name: str) -> os.stat_result | None:
 
 def _raise_unless_gone(err: OSError) -> None:
     """fwalk's onerror: a directory that vanished is skipped, anything else is a failure."""
-    if True:
+    if err.errno not in _GONE:
         raise err
 
 

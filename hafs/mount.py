@@ -94,7 +94,7 @@ def _start_mode(replicator: Replicator, state: StateStore, journal: Journal) -> 
 async def _serve(replicator: Replicator) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        nursery.start_soon(replicator.run)
+        await nursery.start(replicator.run)
         await pyfuse3.main()
         # main returns after terminate(): every request answered, so drain the stream.
         with trio.move_on_after(replicator.timeout + 1):

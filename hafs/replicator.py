@@ -70,6 +70,8 @@ class Replicator:
         self.mode = Mode.STANDALONE if peer is None else Mode.CONNECTING
         self.reason = ""
         self._sock: trio.socket.SocketType | None = None
+        self._raw: socket.socket | None = None  # same socket, for sends without a task switch
+        self._sending = False
         self._writer: p.FrameWriter | None = None
         self._outbox: list[bytes] = []
         self._outbox_ready = trio.Event()
@@ -77,6 +79,9 @@ class Replicator:
         self._ack_waiters: list[tuple[int, int, trio.Event]] = []
         self._sync_waiters: dict[int, trio.Event] = {}
         self._inflight: deque[Change] = deque()
+        # For the watchdog: when each unacknowledged frame, and each pending fsync, was sent.
+        self._unacked_since: deque[tuple[int, float]] = deque()
+        self._sync_started: dict[int, float] = {}
         self._tiebreak = itertools.count()
         self._cancel = trio.CancelScope()
         self.sent_ops = 0
@@ -100,20 +105,36 @@ class Replicator:
             return 0
         bufs = self._writer.seal(p.FrameType.OP, *ops.encode(frame))
         seq = self._writer.seq
-        self._outbox.extend(bufs)
-        self._outbox_ready.set()
+        now = trio.current_time()
+        self._unacked_since.append((seq, now))
+        if frame.op is ops.Op.FSYNC:
+            self._sync_started[seq] = now
+        self._transmit(bufs)
         if kind:
             self._inflight.append(Change(seq, kind, ino, offset, length))
         self.sent_ops += 1
         return seq
 
+    def _transmit(self, bufs: list[bytes]) -> None:
+        """Send at once when nothing is queued (saves a task switch per op), else queue."""
+        if not self._outbox and not self._sending and self._raw is not None:
+            try:
+                sent = self._raw.sendmsg(bufs)
+            except OSError:  # full (EAGAIN) or broken: the sender task finds out which
+                sent = 0
+            bufs = _unsent(bufs, sent)
+            if not bufs:
+                return
+        self._outbox.extend(bufs)
+        self._outbox_ready.set()
+
     async def applied(self, seq: int) -> None:
-        """Wait until the replica applied op seq; on timeout degrade and return."""
+        """Wait until the replica applied op seq (the watchdog bounds the wait)."""
         if seq == 0 or seq <= self._acked or self.mode is not Mode.MIRROR:
             return
         event = trio.Event()
         heapq.heappush(self._ack_waiters, (seq, next(self._tiebreak), event))
-        await self._wait(event, f"op {seq}")
+        await event.wait()
 
     async def synced(self, seq: int) -> None:
         """Wait until the replica made FSYNC op seq durable."""
@@ -122,15 +143,27 @@ class Replicator:
         # SYNCED may have arrived while the local fsync ran: its event is then already set.
         event = self._sync_waiters.setdefault(seq, trio.Event())
         try:
-            await self._wait(event, f"fsync {seq}")
+            await event.wait()
         finally:
             self._sync_waiters.pop(seq, None)
 
-    async def _wait(self, event: trio.Event, what: str) -> None:
-        with trio.move_on_after(self.timeout):
-            await event.wait()
+    async def _watchdog(self) -> None:
+        """Degrade when the oldest unacknowledged op or fsync is older than the timeout.
+
+        One periodic check instead of a cancel scope per call: the hot path stays cheap.
+        """
+        tick = min(0.1, self.timeout / 10)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if self._unacked_since and now - self._unacked_since[0][1] > self.timeout:
+                what = f"op {self._unacked_since[0][0]}"
+            elif self._sync_started and now - min(self._sync_started.values()) > self.timeout:
+                what = "an fsync"
+            else:
+                continue
+            self.degrade(f"peer did not acknowledge {what} within {self.timeout:g} s")
             return
-        self.degrade(f"peer did not acknowledge {what} within {self.timeout:g} s")
 
     # -- degrade -------------------------------------------------------------------------
 
@@ -159,6 +192,11 @@ class Replicator:
             event.set()
         self._sync_waiters.clear()
         self._outbox.clear()
+        self._unacked_since.clear()
+        self._sync_started.clear()
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         self._cancel.cancel()
 
     def _peer_text(self) -> str:
@@ -166,25 +204,42 @@ class Replicator:
 
     # -- the connection ------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Connect, then run the sender and receiver until the stream ends or fails."""
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then run the sender and receiver until the stream ends or fails.
+
+        Reports started once connected or ALONE: no file system request may be served while
+        the mode is still CONNECTING, since its change would be neither sent nor journaled.
+        """
         if self.mode is not Mode.CONNECTING:
+            task_status.started()
             return
-        with self._cancel:
-            try:
-                await self._connect()
-            except (OSError, p.ProtocolError, trio.TooSlowError) as e:
-                self.degrade(f"cannot reach the replica: {e}")
-                return
-            self.mode = Mode.MIRROR
-            self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
-            log.info("mirroring to %s", self._peer_text())
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._sender)
-                    nursery.start_soon(self._receiver)
-            except (OSError, p.ProtocolError) as e:
-                self.degrade(f"stream failed: {e}")
+        try:
+            with self._cancel:
+                await self._stream(task_status)
+        finally:
+            for sock in (self._raw, self._sock):
+                if sock is not None:
+                    sock.close()
+            self._raw = None
+
+    async def _stream(self, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await self._connect()
+        except (OSError, p.ProtocolError, trio.TooSlowError) as e:
+            self.degrade(f"cannot reach the replica: {e}")
+            task_status.started()
+            return
+        self.mode = Mode.MIRROR
+        self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
+        log.info("mirroring to %s", self._peer_text())
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender)
+                nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._receiver)
+        except* (OSError, p.ProtocolError) as group:  # trio wraps task errors in a group
+            self.degrade(f"stream failed: {group.exceptions[0]}")
 
     async def _connect(self) -> None:
         assert self.peer is not None and self.key is not None
@@ -210,6 +265,7 @@ class Replicator:
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._raw = socket.socket(fileno=os.dup(sock.fileno()))
         self._writer = p.FrameWriter(keys.send)
         self._reader = p.FrameReader(keys.recv)
 
@@ -219,7 +275,9 @@ class Replicator:
             await self._outbox_ready.wait()
             self._outbox_ready = trio.Event()
             bufs, self._outbox = self._outbox, []
+            self._sending = True
             await _send_all(self._sock, bufs)
+            self._sending = False
 
     async def _receiver(self) -> None:
         assert self._sock is not None
@@ -236,6 +294,7 @@ class Replicator:
             self._on_ack(p.ACK_BODY.unpack(frame.payload)[0])
         elif frame.ftype is p.FrameType.SYNCED:
             (seq,) = p.ACK_BODY.unpack(frame.payload)
+            self._sync_started.pop(seq, None)
             self._sync_waiters.setdefault(seq, trio.Event()).set()
         elif frame.ftype is p.FrameType.FAILED:
             seq, err = p.FAILED_BODY.unpack(frame.payload)
@@ -245,6 +304,8 @@ class Replicator:
 
     def _on_ack(self, seq: int) -> None:
         self._acked = max(self._acked, seq)
+        while self._unacked_since and self._unacked_since[0][0] <= seq:
+            self._unacked_since.popleft()
         while self._inflight and self._inflight[0].seq <= seq:
             self._inflight.popleft()
         while self._ack_waiters and self._ack_waiters[0][0] <= seq:
@@ -254,8 +315,8 @@ class Replicator:
         """Clean end: send BYE and wait until the replica applied everything."""
         if self.mode is not Mode.MIRROR or self._writer is None:
             return
-        self._outbox.extend(self._writer.seal(p.FrameType.BYE))
-        self._outbox_ready.set()
+        self._transmit(self._writer.seal(p.FrameType.BYE))
+        self._unacked_since.append((self._writer.seq, trio.current_time()))
         await self.applied(self._writer.seq)
         if self.mode is Mode.MIRROR:
             self.state.update(session_open=False)
@@ -305,3 +366,12 @@ async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes]) -> None:
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+
+
+def _unsent(bufs: list[bytes], sent: int) -> list[bytes]:
+    """What is left of bufs after the first `sent` bytes went out."""
+    for i, buf in enumerate(bufs):
+        if sent < len(buf):
+            return [memoryview(buf)[sent:], *bufs[i + 1 :]] if sent else bufs[i:]  # type: ignore[list-item]
+        sent -= len(buf)
+    return []

@@ -1,8 +1,18 @@
-"""Shared fixtures: the hafs binary, a cluster key, and a running replica + mount pair."""
+"""Shared fixtures: the hafs binary, a cluster key, and a running replica + mount pair.
+
+Data directories and mount points live under `data_tmp`, not `tmp_path`: mariadbd runs as
+user mysql and must traverse every directory above its datadir, but pytest keeps
+/tmp/pytest-of-root at 0700 and re-tightens it whenever any pytest session starts, so a
+datadir under tmp_path breaks mid-test on a machine where others run tests too. State dirs
+and logs stay in tmp_path, where pytest keeps them for the last few runs.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support import cluster  # noqa: E402
 
+DATA_TMP_PARENT = Path("/var/tmp")  # the disk, like the repo; /tmp may be tmpfs elsewhere
+
 
 @pytest.fixture(scope="session")
 def hafs_bin() -> Path:
     return Path(sys.executable).parent / "hafs"
+
+
+@pytest.fixture(scope="session")
+def data_tmp_base() -> Iterator[Path]:
+    """This session's world-traversable (0711) dir for data dirs and mount points."""
+    base = Path(tempfile.mkdtemp(prefix="hafs-test-", dir=DATA_TMP_PARENT))
+    base.chmod(0o711)
+    yield base
+    if not cluster.fuse_mounts_under(base):  # never rmtree through a mount
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def data_tmp(data_tmp_base: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh 0755 dir per test under data_tmp_base (removed at the end of the session)."""
+    prefix = re.sub(r"[^\w.-]", "_", request.node.name)[:40] + "-"
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=data_tmp_base))
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture
@@ -26,8 +57,8 @@ def cluster_key(tmp_path: Path, hafs_bin: Path) -> Path:
 
 
 @pytest.fixture
-def replica_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "replica"
+def replica_dir(data_tmp: Path) -> Path:
+    path = data_tmp / "replica"
     path.mkdir()
     return path
 
@@ -53,10 +84,10 @@ class Mirror:
 
 @pytest.fixture
 def mirror(
-    tmp_path: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
+    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
 ) -> Iterator[Mirror]:
+    primary_dir, mountpoint = data_tmp / "primary", data_tmp / "mnt"
     # Short names: the status socket path must fit in sun_path (108 bytes).
-    primary_dir, mountpoint = tmp_path / "primary", tmp_path / "mnt"
     mount_state, replica_state = tmp_path / "ms", tmp_path / "rs"
     for d in (primary_dir, mountpoint, mount_state, replica_state):
         d.mkdir()
@@ -91,36 +122,32 @@ def mirror(
         )
 
 
-def _remove_leftover_mounts(base: Path) -> list[str]:
-    """Unmount every FUSE mount under BASE; returns what was found."""
-    left = cluster.fuse_mounts_under(base)
-    for path in left:
-        cluster.force_unmount(path)
-    return left
+def _fuse_mounts(bases: list[Path]) -> list[str]:
+    return [mp for base in bases for mp in cluster.fuse_mounts_under(base)]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_leftover_mounts_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Fail the run loudly if anything left a FUSE mount in pytest's tmp dirs, and remove it.
-
-    A stale mount makes the next run hang or fail in confusing ways, so it is an error even
-    when every test passed.
-    """
-    base = tmp_path_factory.getbasetemp()
-    yield base
-    left = _remove_leftover_mounts(base)
+def no_leftover_mounts_session(
+    tmp_path_factory: pytest.TempPathFactory, data_tmp_base: Path
+) -> Iterator[list[Path]]:
+    """Fail the run loudly if anything left a FUSE mount in the session's tmp dirs, and
+    remove it: a stale mount makes the next run hang or fail in confusing ways."""
+    bases = [tmp_path_factory.getbasetemp(), data_tmp_base]
+    yield bases
+    left = _fuse_mounts(bases)
+    for path in left:
+        cluster.force_unmount(path)
     if left:
         pytest.fail(f"FUSE mounts left behind (now unmounted): {left}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_mounts_test(no_leftover_mounts_session: Path) -> Iterator[None]:
+def no_leftover_mounts_test(no_leftover_mounts_session: list[Path]) -> Iterator[None]:
     """Per test, so the failure names the test that leaked; mounts of wider-scoped fixtures
     existed before the test started and are left to their owners."""
-    base = no_leftover_mounts_session
-    before = set(cluster.fuse_mounts_under(base))
+    before = set(_fuse_mounts(no_leftover_mounts_session))
     yield
-    leaked = [p for p in cluster.fuse_mounts_under(base) if p not in before]
+    leaked = [p for p in _fuse_mounts(no_leftover_mounts_session) if p not in before]
     for path in leaked:
         cluster.force_unmount(path)
     if leaked:

@@ -249,7 +249,7 @@ class MariaDB:
         if (tables, rows) not in self._prepared:
             self.sql("DROP DATABASE IF EXISTS sbtest; CREATE DATABASE sbtest")
             self._sysbench(test, "prepare", shape, timeout=600)
-            self._prepared.add((tables, rows))
+            self._prepared = {(tables, rows)}  # the DROP above removed any other size
         args = [*shape, f"--threads={threads}", f"--time={seconds}", "--percentile=95"]
         out = self._sysbench(test, "run", args, timeout=seconds + 300)
         return parse_sysbench(out)

@@ -212,7 +212,7 @@ def test_entries_vanishing_during_walk_are_skipped(
 
 @pytest.mark.timeout(20)
 def test_files_changing_between_lstat_and_open_are_skipped(
-    src: Path, monkeypatch: pytest.MonkeyPatch
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_stat = os.stat
 
@@ -223,11 +223,15 @@ def test_files_changing_between_lstat_and_open_are_skipped(
             os.mkfifo(src / "a.txt")
         elif path == "empty":
             os.unlink(src / "empty")
+        elif path == "c":  # now a symlink out of the tree: must not be read through
+            os.unlink(src / "sub" / "deep" / "c")
+            os.symlink(tmp_path / "secret", src / "sub" / "deep" / "c")
         return st
 
+    (tmp_path / "secret").write_bytes(b"secret")
     monkeypatch.setattr(os, "stat", racing_stat)
     m = build_manifest(str(src))
-    assert "a.txt" not in m and "empty" not in m
+    assert "a.txt" not in m and "empty" not in m and "sub/deep/c" not in m
     assert m["suid"].kind == "file"
 
 

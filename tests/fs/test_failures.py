@@ -1,0 +1,728 @@
+"""Failures on real mounts: the mount or the replica dies, hangs, or runs out of space.
+
+Each test runs a real replica server and a real pyfuse3 mount (tests/support/cluster.py) and
+checks the data-path invariants of design.md section 3 from the outside: I1 (an acknowledged
+write is on the replica), I3 (after a crash the replica holds a state the primary passed
+through at or after its last acknowledged call) and I5 (a failed, hung or refusing replica
+never blocks the application beyond the timeout; the mount goes ALONE and journals every
+file changed, in-flight ones too, and stays ALONE across a restart).
+
+Writes are made of numbered, self-checking 4 KiB records, and a record counts as
+acknowledged only once the call that wrote it returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hafs import manifest
+from tests.support import cluster
+
+RECORD = 4096
+MAGIC = 0x68616673_7265636F  # "hafsreco"
+TIMEOUT = 2.0  # the mount's --timeout in these tests
+MARGIN = 1.5  # scheduling, journal fdatasync and state fsync on top of the timeout
+FAST_CALL = 0.5  # a call that does not wait for the peer
+DEAD_MOUNT_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def record(i: int) -> bytes:
+    """4 KiB naming its own index, with a checksum over the whole record."""
+    head = struct.pack("<QQ", MAGIC, i)
+    seed = hashlib.sha256(head).digest()
+    body = (seed * (RECORD // len(seed)))[: RECORD - len(head) - 32]
+    return head + body + hashlib.sha256(head + body).digest()
+
+
+def check_records(data: bytes, what: str) -> int:
+    """The number of records in DATA, which must be records 0..n-1 in order, each intact."""
+    assert len(data) % RECORD == 0, f"{what}: size {len(data)} is not whole records"
+    n = len(data) // RECORD
+    for i in range(n):
+        chunk = data[i * RECORD : (i + 1) * RECORD]
+        if chunk != record(i):
+            found = struct.unpack_from("<QQ", chunk)
+            pytest.fail(f"{what}: record {i} of {n} is damaged or misplaced (head {found})")
+    return n
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def timed(call: Callable[[], Any]) -> float:
+    start = time.monotonic()
+    call()
+    return time.monotonic() - start
+
+
+def read_state(state_dir: Path) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((state_dir / "state.json").read_text())
+    return state
+
+
+def journal_lines(state_dir: Path) -> list[dict[str, Any]]:
+    lines = (state_dir / "journal").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for rec in records:
+        assert {"kind", "path", "ino", "chunk"} <= rec.keys(), rec
+    return records
+
+
+def replica_idle(rep: cluster.ReplicaProc) -> bool:
+    """The replica ended its session: everything it received is applied."""
+    return rep.status()["mode"] == "LISTENING"
+
+
+def write_file(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_EXCL | os.O_WRONLY) -> None:
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Relative path -> content for files, "dir" for directories."""
+    result: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in dirnames:
+            result[os.path.normpath(os.path.join(rel, name))] = "dir"
+        for name in filenames:
+            result[os.path.normpath(os.path.join(rel, name))] = (Path(dirpath) / name).read_bytes()
+    return result
+
+
+@dataclass
+class Call:
+    start: float
+    seconds: float
+
+
+@dataclass
+class RecordWriter:
+    """A thread writing records 0, 1, 2... at their offsets through one O_RDWR fd.
+
+    `acked` counts the records whose pwrite returned; with one thread at most one more
+    write is in flight. An fsync every `fsync_every` records.
+    """
+
+    path: Path
+    fsync_every: int = 8
+    max_records: int = 25_000
+    acked: int = 0
+    error: OSError | None = None
+    calls: list[Call] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> RecordWriter:
+        self.thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self.thread.start()
+        return self
+
+    def _timed(self, call: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        result = call()
+        self.calls.append(Call(start, time.monotonic() - start))
+        return result
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as e:
+            self.error = e
+            return
+        try:
+            for i in range(self.max_records):
+                if self.stop.is_set():
+                    return
+                n = self._timed(lambda i=i: os.pwrite(fd, record(i), i * RECORD))
+                if n != RECORD:
+                    self.error = OSError(errno.EIO, f"short write of record {i}: {n} bytes")
+                    return
+                self.acked = i + 1
+                if self.fsync_every and self.acked % self.fsync_every == 0:
+                    self._timed(lambda: os.fsync(fd))
+        except OSError as e:
+            self.error = e
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def finish(self, timeout: float = 15.0) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            assert not self.thread.is_alive(), "the writer is stuck in a call on the mount"
+
+    def slowest(self, since: float = 0.0) -> float:
+        return max((c.seconds for c in self.calls if c.start >= since), default=0.0)
+
+
+@dataclass
+class Rig:
+    """Paths and settings of one replica + mount pair; the tests start the processes."""
+
+    primary_dir: Path
+    replica_dir: Path
+    mountpoint: Path
+    mount_state: Path
+    replica_state: Path
+    port: int
+    key: Path
+    hafs_bin: Path
+    timeout: float = TIMEOUT
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def replica(self) -> contextlib.AbstractContextManager[cluster.ReplicaProc]:
+        return cluster.replica(
+            self.replica_dir,
+            listen=self.peer,
+            key=self.key,
+            state_dir=self.replica_state,
+            hafs_bin=self.hafs_bin,
+        )
+
+    def mount(self) -> contextlib.AbstractContextManager[cluster.MountProc]:
+        return cluster.mount(
+            self.primary_dir,
+            peer=self.peer,
+            key=self.key,
+            mountpoint=self.mountpoint,
+            state_dir=self.mount_state,
+            timeout=self.timeout,
+            hafs_bin=self.hafs_bin,
+        )
+
+
+@pytest.fixture
+def rig(tmp_path: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path) -> Rig:
+    # Short names: the status socket path must fit in sun_path (108 bytes).
+    dirs = [tmp_path / n for n in ("primary", "mnt", "ms", "rs")]
+    for d in dirs:
+        d.mkdir()
+    return Rig(
+        primary_dir=dirs[0],
+        replica_dir=replica_dir,
+        mountpoint=dirs[1],
+        mount_state=dirs[2],
+        replica_state=dirs[3],
+        port=cluster.free_port(),
+        key=cluster_key,
+        hafs_bin=hafs_bin,
+    )
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
+    """Mount an 8 MiB tmpfs on a directory (mode 0755 like a fresh mkdir); always unmounted."""
+    mounted: list[Path] = []
+
+    def make(path: Path) -> Path:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+        assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
+
+
+@contextlib.contextmanager
+def continued_on_exit(proc: cluster.HafsProc) -> Iterator[None]:
+    """SIGCONT the process on the way out, so a stopped replica can be stopped cleanly."""
+    try:
+        yield
+    finally:
+        if proc.running():
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+# ------------------------------------------------------------------------------ 1. mount crash
+
+
+def test_mount_sigkill_mid_write_stream_replica_holds_acked_prefix(rig: Rig) -> None:
+    """I1 + I3: after SIGKILL of the mount, the replica holds every acknowledged record and
+    nothing past the one write that may have been in flight."""
+    with rig.replica() as rep, rig.mount() as mnt:
+        path = rig.mountpoint / "stream.dat"
+        write_file(path, b"")
+        writer = RecordWriter(path).start()
+        try:
+            wait_until(lambda: writer.acked >= 300 or writer.error is not None, 60, "300 records")
+            assert writer.error is None, f"write failed before the crash: {writer.error}"
+            mnt.kill()
+            writer.thread.join(15)  # type: ignore[union-attr]
+        finally:
+            writer.finish()
+        cluster.force_unmount(mnt.target)
+        assert writer.error is not None, "the writer finished before the crash: not mid-stream"
+        assert writer.error.errno in DEAD_MOUNT_ERRNOS, f"unexpected error {writer.error!r}"
+        acked = writer.acked
+
+        wait_until(lambda: replica_idle(rep), 10, "the replica to end the dead session")
+        data = (rig.replica_dir / "stream.dat").read_bytes()
+        n = check_records(data, "replica stream.dat")
+        assert n >= acked, f"acknowledged records lost: replica has {n}, {acked} were acked"
+        assert n <= acked + 1, f"replica has {n} records, only {acked} acked + 1 in flight"
+        # The primary applies locally before sending: it is never behind the replica.
+        primary = check_records((rig.primary_dir / "stream.dat").read_bytes(), "primary")
+        assert n <= primary <= acked + 1, (acked, n, primary)
+        state = read_state(rig.replica_state)
+        assert state["session_open"] is True, f"replica claims a clean end: {state}"
+        assert state["uptodate"] is True, state
+
+
+@dataclass
+class TreeModel:
+    """Files and directories a step sequence produces, as tree() reports them."""
+
+    entries: dict[str, bytes | str] = field(default_factory=dict)
+
+    def apply(self, step: tuple[Any, ...]) -> None:
+        kind, *args = step
+        if kind == "create":
+            self.entries[args[0]] = b""
+        elif kind == "write":
+            name, offset, data = args
+            old = self.entries[name]
+            assert isinstance(old, bytes)
+            grown = old.ljust(offset, b"\0")
+            self.entries[name] = grown[:offset] + data + grown[offset + len(data) :]
+        elif kind == "rename":
+            self.entries[args[1]] = self.entries.pop(args[0])
+        elif kind == "unlink":
+            del self.entries[args[0]]
+        elif kind == "mkdir":
+            self.entries[args[0]] = "dir"
+
+
+def tree_steps(count: int) -> Iterator[tuple[Any, ...]]:
+    """Creates, writes, renames over existing names, unlinks and mkdirs, interleaved."""
+    live: set[str] = set()
+    yield ("create", "log")
+    for i in range(count):
+        tmp = f"t{i}"
+        yield ("create", tmp)
+        yield ("write", tmp, 0, record(i))
+        if i % 5 == 4:
+            yield ("mkdir", f"d{i}")
+            yield ("rename", tmp, f"d{i}/moved")
+        else:
+            dest = f"r{i % 4}"
+            yield ("rename", tmp, dest)
+            live.add(dest)
+        yield ("write", "log", i * RECORD, record(i))
+        if i % 7 == 6 and live:
+            victim = sorted(live)[i % len(live)]
+            live.discard(victim)
+            yield ("unlink", victim)
+
+
+def run_step(root: Path, step: tuple[Any, ...], fds: dict[str, int]) -> None:
+    """One application call per step (closing a file is not a step: it changes nothing)."""
+    kind, *args = step
+    if kind == "create":
+        fds[args[0]] = os.open(root / args[0], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    elif kind == "write":
+        name, offset, data = args
+        assert os.pwrite(fds[name], data, offset) == len(data)
+        if name != "log":
+            os.close(fds.pop(name))
+    elif kind == "rename":
+        os.rename(root / args[0], root / args[1])
+    elif kind == "unlink":
+        os.unlink(root / args[0])
+    elif kind == "mkdir":
+        os.mkdir(root / args[0])
+
+
+def test_mount_sigkill_amid_creates_and_renames_replica_tree_is_a_past_state(rig: Rig) -> None:
+    """I3 over several files: after SIGKILL of the mount, the replica's tree is the state
+    after the last acknowledged call, or after the one call in flight."""
+    steps = list(tree_steps(5000))
+    done = 0
+    error: OSError | None = None
+    stop = threading.Event()
+
+    def app() -> None:
+        nonlocal done, error
+        fds: dict[str, int] = {}
+        try:
+            for step in steps:
+                if stop.is_set():
+                    return
+                run_step(rig.mountpoint, step, fds)
+                done += 1
+        except OSError as e:
+            error = e
+        finally:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    with rig.replica() as rep, rig.mount() as mnt:
+        thread = threading.Thread(target=app, name="tree-writer", daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: done >= 600 or error is not None, 60, "600 steps")
+            assert error is None, f"step {done} failed before the crash: {error}"
+            mnt.kill()
+            thread.join(15)
+        finally:
+            stop.set()
+            thread.join(15)
+            assert not thread.is_alive(), "the application is stuck in a call on the mount"
+        cluster.force_unmount(mnt.target)
+        assert error is not None, "the application finished before the crash"
+        assert error.errno in DEAD_MOUNT_ERRNOS, f"unexpected error {error!r}"
+
+        wait_until(lambda: replica_idle(rep), 10, "the replica to end the dead session")
+        got = tree(rig.replica_dir)
+        model = TreeModel()
+        for step in steps[:done]:
+            model.apply(step)
+        acked_state = dict(model.entries)
+        model.apply(steps[done])
+        inflight_state = model.entries
+        if got != acked_state and got != inflight_state:
+            names = sorted(set(got) | set(acked_state) | set(inflight_state))
+            diff = [
+                f"{n}: replica {_short(got.get(n))}, acked {_short(acked_state.get(n))}, "
+                f"in flight {_short(inflight_state.get(n))}"
+                for n in names
+                if not (got.get(n) == acked_state.get(n) == inflight_state.get(n))
+            ]
+            pytest.fail(
+                f"replica tree is neither the state after {done} acknowledged calls nor after "
+                f"the call in flight ({steps[done][:2]}):\n" + "\n".join(diff)
+            )
+        assert read_state(rig.replica_state)["session_open"] is True
+
+
+def _short(v: bytes | str | None) -> str:
+    if isinstance(v, bytes):
+        return f"{len(v)} bytes {hashlib.sha256(v).hexdigest()[:8]}"
+    return repr(v)
+
+
+# ------------------------------------------------------------------------------ 2. replica fails
+
+
+def test_replica_sigkill_mid_stream_app_unaffected_mount_alone_journals_changes(rig: Rig) -> None:
+    """I5: the replica dies; every call completes in time without error, the mount goes
+    ALONE and journals each file changed since, including the one being written."""
+    with rig.replica() as rep, rig.mount() as mnt:
+        mp = rig.mountpoint
+        for name in ("old1", "old2", "to_rename", "untouched"):
+            write_file(mp / name, f"{name} before\n".encode())
+        stream = mp / "stream.dat"
+        write_file(stream, b"")
+        writer = RecordWriter(stream, fsync_every=4).start()
+        try:
+            wait_until(lambda: writer.acked >= 200 or writer.error is not None, 60, "records")
+            assert writer.error is None, f"write failed before the kill: {writer.error}"
+            assert mnt.status()["mode"] == "MIRROR"
+            killed_at = time.monotonic()
+            rep.kill()
+            seconds = {
+                "create new1": timed(lambda: write_file(mp / "new1", b"new one\n")),
+                "create new2": timed(lambda: write_file(mp / "new2", b"new two\n")),
+                "mkdir newdir": timed(lambda: (mp / "newdir").mkdir()),
+                "create newdir/new3": timed(lambda: write_file(mp / "newdir/new3", b"three\n")),
+                "append old1": timed(
+                    lambda: write_file(mp / "old1", b"more\n", os.O_WRONLY | os.O_APPEND)
+                ),
+                "append old2": timed(
+                    lambda: write_file(mp / "old2", b"more\n", os.O_WRONLY | os.O_APPEND)
+                ),
+                "rename": timed(lambda: os.rename(mp / "to_rename", mp / "renamed")),
+            }
+            after_kill = writer.acked
+            wait_until(
+                lambda: writer.acked >= after_kill + 100 or writer.error is not None,
+                TIMEOUT + 20,
+                "100 more records after the kill",
+            )
+        finally:
+            writer.finish()
+        assert writer.error is None, f"the application saw an error: {writer.error!r}"
+        seconds["slowest record write/fsync"] = writer.slowest()
+        slow = {k: round(v, 2) for k, v in seconds.items() if v > TIMEOUT + MARGIN}
+        assert not slow, f"calls took longer than the {TIMEOUT}s timeout + {MARGIN}s: {slow}"
+        assert writer.slowest(since=killed_at + TIMEOUT + MARGIN) < FAST_CALL, (
+            "calls still wait for the dead peer after the mount went ALONE"
+        )
+
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert status["reason"], status
+        journal = set(status["journal"])
+        changed = {"stream.dat", "new1", "new2", "newdir", "newdir/new3", "old1", "old2"}
+        assert changed <= journal, f"not journaled: {sorted(changed - journal)}; {status}"
+        assert {"to_rename", "renamed"} <= journal, f"rename not journaled by name: {journal}"
+        assert "untouched" not in journal, journal
+        on_disk = {rec["path"] for rec in journal_lines(rig.mount_state)}
+        assert journal <= on_disk, f"status lists paths the journal file lacks: {journal - on_disk}"
+        assert read_state(rig.mount_state)["mode"] == "ALONE"
+        # The application's data is all there, locally.
+        assert check_records(stream.read_bytes(), "primary stream.dat") == writer.acked
+        assert (mp / "renamed").read_bytes() == b"to_rename before\n"
+        assert (mp / "old1").read_bytes() == b"old1 before\nmore\n"
+
+
+def _blocked_write(path: Path, data: bytes) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start one pwrite in a thread; the dict gets its duration or its error."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            start = time.monotonic()
+            result["written"] = os.pwrite(fd, data, 0)
+            result["seconds"] = time.monotonic() - start
+        except OSError as e:
+            result["error"] = e
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, name="one-write", daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_write_in_flight_when_replica_dies_is_journaled(rig: Rig) -> None:
+    """I5: a write sent but never acknowledged (the replica stopped, then killed) returns
+    without error and its file is journaled, though the file is not written again."""
+    with rig.replica() as rep, rig.mount() as mnt:
+        path = rig.mountpoint / "inflight.dat"
+        write_file(path, b"x" * RECORD)
+        with continued_on_exit(rep):
+            os.kill(rep.pid, signal.SIGSTOP)
+            thread, result = _blocked_write(path, record(0))
+            time.sleep(0.5)
+            assert thread.is_alive(), f"write returned before the replica acked it: {result}"
+            assert mnt.status()["mode"] == "MIRROR"
+            rep.kill()
+            thread.join(TIMEOUT + MARGIN)
+            assert not thread.is_alive(), "write still blocked after the replica died"
+        assert "error" not in result, result
+        assert result["written"] == RECORD
+        assert result["seconds"] < TIMEOUT + MARGIN, result
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert "inflight.dat" in status["journal"], status
+        assert any(
+            r["path"] == "inflight.dat" and r["kind"] == "data" and r["chunk"] == 0
+            for r in journal_lines(rig.mount_state)
+        ), journal_lines(rig.mount_state)
+        assert path.read_bytes() == record(0)
+
+
+def test_hung_replica_write_returns_within_timeout_then_writes_are_fast(rig: Rig) -> None:
+    """I5: a replica that stops answering (SIGSTOP) delays one write by at most the timeout;
+    the mount goes ALONE and later writes do not wait for the peer."""
+    with rig.replica() as rep, rig.mount() as mnt:
+        path = rig.mountpoint / "hung.dat"
+        write_file(path, b"")
+        writer = RecordWriter(path, fsync_every=4)
+        with continued_on_exit(rep):
+            writer.start()
+            try:
+                wait_until(lambda: writer.acked >= 100 or writer.error is not None, 60, "records")
+                stopped_at = time.monotonic()
+                os.kill(rep.pid, signal.SIGSTOP)
+                wait_until(
+                    lambda: writer.acked >= 300 or writer.error is not None,
+                    TIMEOUT + 20,
+                    "writes to continue after the replica hung",
+                )
+            finally:
+                writer.finish()
+            status = mnt.status()
+        assert writer.error is None, f"the application saw an error: {writer.error!r}"
+        assert writer.slowest() < TIMEOUT + MARGIN, f"a call took {writer.slowest():.2f}s"
+        assert writer.slowest() > TIMEOUT * 0.9, "no call waited for the hung peer's ack"
+        slow_calls = [c for c in writer.calls if c.seconds > FAST_CALL]
+        assert len(slow_calls) == 1, f"several calls waited for the hung peer: {slow_calls}"
+        after = [c for c in writer.calls if c.start > slow_calls[0].start]
+        assert len(after) >= 100 and max(c.seconds for c in after) < FAST_CALL
+        assert slow_calls[0].start < stopped_at + FAST_CALL
+        assert status["mode"] == "ALONE", status
+        assert "acknowledge" in status["reason"], status
+        assert "hung.dat" in status["journal"], status
+        assert read_state(rig.mount_state)["mode"] == "ALONE"
+
+
+# ------------------------------------------------------------------------------ 3. disk full
+
+
+def test_replica_disk_full_app_unaffected_mount_alone(
+    rig: Rig, small_tmpfs: Callable[[Path], Path]
+) -> None:
+    """The replica cannot apply a write (ENOSPC): the application's write still succeeds,
+    the mount goes ALONE saying why, and the replica marks its copy not up to date."""
+    small_tmpfs(rig.replica_dir)
+    data = b"".join(record(i) for i in range(16 * (1 << 20) // RECORD))  # 16 MiB
+    with rig.replica() as rep, rig.mount() as mnt:
+        path = rig.mountpoint / "big.dat"
+        start = time.monotonic()
+        write_file(path, data)
+        seconds = time.monotonic() - start
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert "No space left" in status["reason"], status
+        assert "big.dat" in status["journal"], status
+        assert read_state(rig.mount_state)["mode"] == "ALONE"
+        assert check_records(path.read_bytes(), "primary big.dat") == len(data) // RECORD
+        assert seconds < 30 + TIMEOUT, f"16 MiB took {seconds:.1f}s"
+        wait_until(lambda: read_state(rig.replica_state)["uptodate"] is False, 10, "uptodate")
+        assert rep.status()["uptodate"] is False
+        log = rep.log_path.read_text()
+        assert "could not apply" in log and "[Errno 28]" in log, rep.log_tail()
+
+
+def test_primary_disk_full_app_gets_enospc_replica_never_ahead(
+    rig: Rig, small_tmpfs: Callable[[Path], Path]
+) -> None:
+    """The primary's own disk fills: the application gets ENOSPC, the replica never got data
+    the primary does not have, both trees stay identical, and the mount stays MIRROR."""
+    small_tmpfs(rig.primary_dir)
+    chunk = b"".join(record(i) for i in range(256))  # 1 MiB
+    with rig.replica() as rep, rig.mount() as mnt:
+        path = rig.mountpoint / "fill.dat"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        written = 0
+        failure: OSError | None = None
+        try:
+            for _ in range(16):
+                try:
+                    written += os.write(fd, chunk)
+                except OSError as e:
+                    failure = e
+                    break
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert failure is not None, f"wrote {written} bytes to an 8 MiB file system"
+        assert failure.errno == errno.ENOSPC, repr(failure)
+        status = mnt.status()
+        assert status["mode"] == "MIRROR", status
+        assert status["journal"] == [], status
+
+        primary_size = (rig.primary_dir / "fill.dat").stat().st_size
+        replica_size = (rig.replica_dir / "fill.dat").stat().st_size
+        assert replica_size <= primary_size, (replica_size, primary_size)
+        assert primary_size == written, (primary_size, written)
+        local = manifest.build_manifest(str(rig.primary_dir))
+        remote = manifest.build_manifest(str(rig.replica_dir))
+        assert manifest.compare(local, remote) == [], (
+            "trees differ after a failed local write:\n"
+            + "\n".join(manifest.compare(local, remote))
+        )
+        # The mount keeps mirroring: space freed, the next change reaches the replica.
+        os.truncate(path, 1 << 20)
+        write_file(rig.mountpoint / "after", b"after the full disk\n")
+        assert (rig.replica_dir / "after").read_bytes() == b"after the full disk\n"
+        assert (rig.replica_dir / "fill.dat").stat().st_size == 1 << 20
+        assert mnt.status()["mode"] == "MIRROR"
+        assert rep.status()["uptodate"] is True
+
+
+# ------------------------------------------------------------------------------ 4. restart
+
+
+def test_restart_after_alone_starts_alone_and_never_mirrors_to_the_stale_replica(
+    rig: Rig,
+) -> None:
+    """ALONE survives a clean restart: the new mount does not connect to the replica, which
+    missed changes, and keeps journaling."""
+    with rig.replica() as rep, rig.mount() as mnt:
+        write_file(rig.mountpoint / "before", b"mirrored\n")
+        rep.kill()
+        write_file(rig.mountpoint / "while_alone", b"alone\n")
+        assert mnt.status()["mode"] == "ALONE"
+        assert mnt.stop() == 0, mnt.log_tail()
+    assert read_state(rig.mount_state)["mode"] == "ALONE"
+    assert not (rig.replica_dir / "while_alone").exists()
+
+    with rig.replica() as rep, rig.mount() as mnt:
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert "resync" in status["reason"], status
+        write_file(rig.mountpoint / "after_restart", b"still alone\n")
+        os.truncate(rig.mountpoint / "before", 0)
+        time.sleep(TIMEOUT)  # time to (wrongly) connect
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert {"while_alone", "after_restart", "before"} <= set(status["journal"]), status
+        assert rep.status()["sessions"] == 0, "the ALONE mount opened a stream to the replica"
+        assert not (rig.replica_dir / "while_alone").exists()
+        assert not (rig.replica_dir / "after_restart").exists()
+        assert (rig.replica_dir / "before").read_bytes() == b"mirrored\n"
+    assert read_state(rig.mount_state)["mode"] == "ALONE"
+
+
+def test_restart_after_mount_crash_starts_alone(rig: Rig) -> None:
+    """A mount that died mid-session restarts ALONE: writes in flight at the crash may be
+    on one side only, so it must not resume mirroring without a resync."""
+    with rig.replica() as rep:
+        with rig.mount() as mnt:
+            write_file(rig.mountpoint / "before", b"mirrored\n")
+            assert read_state(rig.mount_state)["session_open"] is True
+            mnt.kill()
+            cluster.force_unmount(mnt.target)
+        wait_until(lambda: replica_idle(rep), 10, "the replica to end the dead session")
+        assert rep.status()["sessions"] == 1
+        with rig.mount() as mnt:
+            status = mnt.status()
+            assert status["mode"] == "ALONE", status
+            assert "unclean" in status["reason"], status
+            write_file(rig.mountpoint / "after_crash", b"alone\n")
+            time.sleep(TIMEOUT)
+            assert mnt.status()["mode"] == "ALONE"
+            assert "after_crash" in mnt.status()["journal"]
+            assert rep.status()["sessions"] == 1, "the restarted mount mirrored to the replica"
+            assert not (rig.replica_dir / "after_crash").exists()
+        state = read_state(rig.mount_state)
+        assert state["mode"] == "ALONE" and state["session_open"] is False, state
