@@ -21,6 +21,13 @@ _libc.fchownat.argtypes = [
     ctypes.c_int,
 ]
 
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_EMPTY_PATH = 0x1000
@@ -38,4 +45,16 @@ def renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> N
 
 def fchown_fd(fd: int, uid: int, gid: int) -> None:
     """chown the file an fd (O_PATH included, symlinks included) refers to."""
+    for value in (uid, gid):
+        # ctypes would silently wrap 2**32 to 0 (root); -1 means "leave unchanged".
+        if not -1 <= value < 1 << 32:
+            raise OverflowError(f"uid/gid {value} out of range")
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH))
+
+
+def utimens_fd(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    """Set the times of the file an fd (O_PATH included, symlinks included) refers to."""
+    times = (_Timespec * 2)(
+        _Timespec(*divmod(atime_ns, 1_000_000_000)), _Timespec(*divmod(mtime_ns, 1_000_000_000))
+    )
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))

@@ -28,7 +28,6 @@ class Node:
     fd: int  # O_PATH fd of this replica's copy of the primary's inode
     mode: int
     rw_fd: int = -1  # opened on the first write
-    name_at: tuple[int, bytes] | None = None  # kept for symlinks: times need a name
 
 
 class Applier:
@@ -37,7 +36,6 @@ class Applier:
     def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
         self.nodes: dict[int, Node] = {ROOT_INO: Node(os.dup(root_fd), stat.S_IFDIR)}
-        self._symlinks: dict[tuple[int, bytes], int] = {}
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -66,9 +64,6 @@ class Applier:
         if old is not None:
             self._close_node(old)
         node = Node(fd, mode)
-        if stat.S_ISLNK(mode):
-            node.name_at = (parent, name)
-            self._symlinks[(parent, name)] = ino
         self.nodes[ino] = node
         return node
 
@@ -107,21 +102,17 @@ class Applier:
             raise ProtocolError(f"{f.op.name}: {e}") from e
 
     def _set_times(self, t: FileTimes) -> None:
-        node = self.node(t.ino)
-        times = (t.atime_ns, t.mtime_ns)
-        if node.rw_fd >= 0:
-            os.utime(node.rw_fd, ns=times)
-        elif node.name_at is not None:
-            parent, name = node.name_at
-            os.utime(name, ns=times, dir_fd=self._dir(parent), follow_symlinks=False)
-        else:
-            os.utime(f"/proc/self/fd/{node.fd}", ns=times)
+        # By fd, not by name: a symlink's name may be gone while a hard link to it remains.
+        _libc.utimens_fd(self.node(t.ino).fd, t.atime_ns, t.mtime_ns)
 
     def fsync_target(self, ino: int) -> int:
         """A new fd the FSYNC op's thread may sync and close on its own."""
         node = self.node(ino)
         if stat.S_ISREG(node.mode):
             return os.dup(self.rw_fd(ino))
+        if not stat.S_ISDIR(node.mode):
+            # Opening a FIFO blocks until a writer comes; opening a device acts on it.
+            raise ProtocolError(f"inode {ino} is not a file or directory: fsync refused")
         return os.open(self._proc(ino), os.O_RDONLY | os.O_CLOEXEC)
 
     def _bind_op(self, f: OpFrame) -> None:
@@ -133,8 +124,6 @@ class Applier:
             return
         node = self.nodes.pop(f.ints[0], None)
         if node is not None:
-            if node.name_at is not None:
-                self._symlinks.pop(node.name_at, None)
             self._close_node(node)
 
     def _create(self, f: OpFrame) -> None:
@@ -195,7 +184,6 @@ class Applier:
     def _unlink(self, f: OpFrame) -> None:
         parent, name = f.ints[0], check_name(f.blobs[0])
         os.unlink(name, dir_fd=self._dir(parent))
-        self._symlinks.pop((parent, name), None)
 
     def _rmdir(self, f: OpFrame) -> None:
         os.rmdir(check_name(f.blobs[0]), dir_fd=self._dir(f.ints[0]))
@@ -206,16 +194,6 @@ class Applier:
         if flags & ~(_libc.RENAME_NOREPLACE | _libc.RENAME_EXCHANGE):
             raise ProtocolError(f"rename flags {flags:#x} refused")
         _libc.renameat2(self._dir(parent), name, self._dir(newparent), newname, flags)
-        self._rename_symlinks((parent, name), (newparent, newname), flags)
-
-    def _rename_symlinks(self, old: tuple[int, bytes], new: tuple[int, bytes], flags: int) -> None:
-        moved, displaced = self._symlinks.pop(old, None), self._symlinks.pop(new, None)
-        if moved is not None:
-            self._symlinks[new] = moved
-            self.nodes[moved].name_at = new
-        if displaced is not None and flags & _libc.RENAME_EXCHANGE:
-            self._symlinks[old] = displaced
-            self.nodes[displaced].name_at = old
 
     def _write(self, f: OpFrame) -> None:
         ino, offset = f.ints

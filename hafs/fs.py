@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Never forwarded to the backing fd: O_DIRECT needs aligned buffers we do not have, the
-# kernel already sends FSYNC after each write on an O_DSYNC/O_SYNC handle, and we compute
-# append offsets ourselves so that the replica gets the same offset.
+# kernel already sends FSYNC after each write on an O_DSYNC/O_SYNC handle, and the kernel
+# sends O_APPEND writes at EOF itself (mmap writeback through such a handle at the page's
+# offset), so the offset we get is the one the backing file and the replica must use.
 STRIPPED_FLAGS = (
     os.O_DIRECT
     | os.O_DSYNC
@@ -86,7 +87,6 @@ class Node:
 class Handle:
     fd: int
     ino: int
-    append: bool
 
 
 class HafsOperations(pyfuse3.Operations):
@@ -290,10 +290,8 @@ class HafsOperations(pyfuse3.Operations):
             attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
             attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
         )
-        if node.kind == stat.S_IFLNK:
-            os.utime(node.name, ns=times, dir_fd=self._node(node.parent).fd, follow_symlinks=False)
-        else:
-            os.utime(self._proc(ino), ns=times)
+        # By fd, not by name: a symlink's name may be gone while a hard link to it remains.
+        _libc.utimens_fd(node.fd, *times)
 
     # -- directory entries ---------------------------------------------------------------
 
@@ -477,7 +475,7 @@ class HafsOperations(pyfuse3.Operations):
         backing = (flags & ~(STRIPPED_FLAGS | os.O_ACCMODE | os.O_TRUNC)) | os.O_RDWR
         fd = os.open(self._proc(ino), backing | os.O_CLOEXEC)
         fh = self._new_fh()
-        self.handles[fh] = Handle(fd, ino, bool(flags & os.O_APPEND))
+        self.handles[fh] = Handle(fd, ino)
         return fh
 
     @fuse_errors
@@ -524,8 +522,6 @@ class HafsOperations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
-        if h.append:
-            off = os.fstat(h.fd).st_size
         self.rep.journal_if_alone("data", h.ino, off, len(buf))
         written = os.pwrite(h.fd, buf, off)
         if self.rep.mirroring:

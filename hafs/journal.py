@@ -31,21 +31,27 @@ class Journal:
         self.path = path
         self._seen: set[tuple[str, str, int]] = set()
         self._records: list[JournalRecord] = []
-        self._load()
+        complete = self._load()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size > complete:
+            # Drop a torn last line, or the next record would be glued to it and lost.
+            os.ftruncate(self._fd, complete)
 
-    def _load(self) -> None:
+    def _load(self) -> int:
+        """Read the records; return the length of the journal up to its last complete line."""
         try:
-            text = self.path.read_text()
+            data = self.path.read_bytes()
         except FileNotFoundError:
-            return
-        for line in text.splitlines():
+            return 0
+        complete = data.rfind(b"\n") + 1
+        for line in data[:complete].decode(errors="replace").splitlines():
             try:
                 d = json.loads(line)
                 rec = JournalRecord(d["kind"], d["path"], d["ino"], d.get("chunk", -1))
             except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from a crash: its change never happened
+                continue  # a damaged line: skip it
             self._remember(rec)
+        return complete
 
     def _remember(self, rec: JournalRecord) -> bool:
         key = (rec.kind, rec.path, rec.chunk)

@@ -136,7 +136,7 @@ def check_server_proof(key: bytes, ns: bytes, nc: bytes, purpose: Purpose, data:
         raise AuthError("server failed to prove it holds the cluster key")
 
 
-def _mac(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:
+def _mac(key: bytes, header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     h = hashlib.blake2b(key=key[:64], digest_size=MAC_LEN)
     h.update(header)
     h.update(payload)

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 from hafs import manifest, ops, wire
 from hafs import protocol as p
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 MANIFEST_CHUNK = 4 << 20
+
+
+@dataclass
+class ReplicaStats:
+    mode: str = "LISTENING"
+    sessions: int = 0
+    applied: int = 0
+    refused: int = 0
 
 
 class ReplicaServer:
@@ -40,7 +49,7 @@ class ReplicaServer:
         self.listen_addr = self.listener.getsockname()[:2]
         self._mirror_lock = threading.Lock()
         self._mirror_sock: socket.socket | None = None
-        self.stats = {"sessions": 0, "applied": 0, "refused": 0, "mode": "LISTENING"}
+        self.stats = ReplicaStats()
         self._stop = threading.Event()
 
     def snapshot(self) -> dict[str, object]:
@@ -49,7 +58,7 @@ class ReplicaServer:
             "dir": self.data_dir,
             "listen": f"{self.listen_addr[0]}:{self.listen_addr[1]}",
             "uptodate": self.state.current.uptodate,
-            **self.stats,
+            **asdict(self.stats),
         }
 
     def stop(self) -> None:
@@ -79,7 +88,7 @@ class ReplicaServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except (p.ProtocolError, OSError, ValueError) as e:
-                self.stats["refused"] += 1
+                self.stats.refused += 1
                 log.warning("refused connection from %s: %s", peer, e)
                 return
             log.info("%s connection from %s authenticated", purpose.name, peer)
@@ -92,16 +101,17 @@ class ReplicaServer:
         old = self._mirror_sock
         if old is not None:  # a new primary session supersedes a dead one
             log.info("new stream from %s replaces the previous one", peer)
-            old.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # it may be gone already
+                old.shutdown(socket.SHUT_RDWR)
         with self._mirror_lock:
             self._mirror_sock = conn
-            self.stats["sessions"] += 1
-            self.stats["mode"] = "APPLYING"
+            self.stats.sessions += 1
+            self.stats.mode = "APPLYING"
             try:
                 MirrorSession(self, conn, peer, keys).run()
             finally:
                 self._mirror_sock = None
-                self.stats["mode"] = "LISTENING"
+                self.stats.mode = "LISTENING"
 
     def _send_manifest(self, conn: socket.socket, peer: str, keys: p.SessionKeys) -> None:
         reader, writer = p.FrameReader(keys.recv), p.FrameWriter(keys.send)
@@ -144,7 +154,7 @@ class MirrorSession:
         try:
             clean = self._loop()
         except p.ProtocolError as e:
-            self.server.stats["refused"] += 1
+            self.server.stats.refused += 1
             log.error("stream from %s refused: %s; nothing after it applied", self.peer, e)
         except OSError as e:
             log.warning("stream from %s broke: %s", self.peer, e)
@@ -174,7 +184,11 @@ class MirrorSession:
             self._send(p.FrameType.ACK, p.ACK_BODY.pack(last))
 
     def _apply(self, frame: p.Frame) -> bool:
-        op = ops.decode(frame.payload)
+        try:
+            op = ops.decode(frame.payload)
+        except p.ProtocolError as e:
+            self._refuse(frame.seq, errno.EPROTO, f"malformed op: {e}")
+            raise
         try:
             self.applier.apply(op)
             if op.op is ops.Op.FSYNC:
@@ -186,7 +200,7 @@ class MirrorSession:
         except OSError as e:
             self._refuse(frame.seq, e.errno or errno.EIO, f"could not apply {op.op.name}: {e}")
             return False
-        self.server.stats["applied"] += 1
+        self.server.stats.applied += 1
         return True
 
     def _refuse(self, seq: int, err: int, why: str) -> None:
@@ -202,11 +216,13 @@ class MirrorSession:
             (os.fdatasync if datasync else os.fsync)(fd)
         except OSError as e:
             self._refuse(seq, e.errno or errno.EIO, f"fsync failed: {e}")
-            self.conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
             return
         finally:
             os.close(fd)
-        self._send(p.FrameType.SYNCED, p.ACK_BODY.pack(seq))
+        with contextlib.suppress(OSError):  # a broken stream is noticed by the main loop
+            self._send(p.FrameType.SYNCED, p.ACK_BODY.pack(seq))
 
     def _send(self, ftype: p.FrameType, payload: bytes) -> None:
         with self.send_lock:

@@ -12,9 +12,12 @@ import errno
 import mmap
 import os
 import pwd
+import re
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +129,7 @@ def test_create_write_read(mirror: Any, hafs_bin: Path) -> None:
 
 def test_pwrite_offsets_and_sparse_file(mirror: Any) -> None:
     path = mirror.mountpoint / "sparse"
-    far = 64 << 20
+    far = 5 << 30  # past 4 GiB: offsets must not be truncated to 32 bits
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         assert os.pwrite(fd, b"head", 0) == 4
@@ -196,6 +199,53 @@ def test_o_append_from_two_fds(mirror: Any) -> None:
     assert_replicated(mirror)
 
 
+def test_o_append_from_concurrent_threads(mirror: Any) -> None:
+    path = mirror.mountpoint / "log"
+    path.write_bytes(b"")
+
+    def appender(tag: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            for i in range(100):
+                record = b"<%d:%d:" % (tag, i) + bytes([65 + tag]) * (i % 37) + b">"
+                assert os.write(fd, record) == len(record)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(appender, range(4)))
+    data = read(path)
+    records = re.findall(rb"<(\d):(\d+):([A-D]*)>", data)
+    assert sum(len(r[0]) + len(r[1]) + len(r[2]) + 4 for r in records) == len(data)
+    assert sorted((int(t), int(i)) for t, i, _ in records) == [
+        (t, i) for t in range(4) for i in range(100)
+    ]
+    for tag, i, body in records:
+        assert body == bytes([65 + int(tag)]) * (int(i) % 37)
+    assert read(mirror.replica_dir / "log") == data
+    assert_replicated(mirror)
+
+
+def test_mmap_writeback_through_an_append_handle(mirror: Any) -> None:
+    """Pages written through a mapping go to their own offset, even when the mapping's fd
+    was opened O_APPEND (the kernel writes them back through that handle)."""
+    path = mirror.mountpoint / "f"
+    path.write_bytes(bytes(8192))
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        with mmap.mmap(fd, 8192) as mm:
+            mm[0:5] = b"hello"
+            mm[4096:4100] = b"page"
+            mm.flush()
+        assert os.write(fd, b"tail") == 4
+    finally:
+        os.close(fd)
+    expected = b"hello" + bytes(4091) + b"page" + bytes(4092) + b"tail"
+    assert read(path) == expected
+    assert read(mirror.replica_dir / "f") == expected
+    assert_replicated(mirror)
+
+
 def test_o_trunc_on_open_of_existing_file(mirror: Any) -> None:
     path = mirror.mountpoint / "f"
     path.write_bytes(b"x" * 10_000)
@@ -233,7 +283,9 @@ def test_chmod_chown_utime(mirror: Any) -> None:
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o2705
     assert_replicated(mirror)
     os.chown(f, 1234, 1234)
-    os.chown(d, 1234, 1234)
+    os.chown(d, 4321, 4321)
+    os.chown(d, 1234, -1)  # owner only
+    os.chown(d, -1, 1234)  # group only
     for where in (mirror.mountpoint, mirror.replica_dir):
         st = os.stat(where / "f")
         assert (st.st_uid, st.st_gid) == (1234, 1234)
@@ -429,6 +481,16 @@ def test_symlinks_are_stored_not_followed(mirror: Any, tmp_path: Path) -> None:
         assert os.readlink(where / "dangling") == "no/such/file"
     assert os.listdir(outside) == []
     assert_replicated(mirror)
+    # A hard link to a symlink outlives the name the symlink was created under.
+    os.link(root / "rel", root / "rel2", follow_symlinks=False)
+    os.unlink(root / "rel")
+    os.utime(root / "rel2", ns=(7, 7_000_000_001), follow_symlinks=False)
+    os.lchown(root / "rel2", 1234, 1234)
+    for where in (root, mirror.replica_dir):
+        st = os.lstat(where / "rel2")
+        assert stat.S_ISLNK(st.st_mode) and st.st_mtime_ns == 7_000_000_001, where
+        assert (st.st_uid, st.st_gid) == (1234, 1234), where
+    assert_replicated(mirror)
     os.unlink(root / "abs")
     assert not os.path.lexists(mirror.replica_dir / "abs")
     assert outside.is_dir()
@@ -473,6 +535,25 @@ def test_xattrs(mirror: Any) -> None:
         os.getxattr(f, "user.bin")
     assert e.value.errno == errno.ENODATA
     assert os.listxattr(mirror.replica_dir / "f") == ["user.one"]
+    assert_replicated(mirror)
+
+
+def test_unix_socket_bound_in_the_mount(mirror: Any) -> None:
+    path = mirror.mountpoint / "mysqld.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+        for where in (mirror.mountpoint, mirror.replica_dir):
+            assert stat.S_ISSOCK(os.lstat(where / "mysqld.sock").st_mode), where
+        assert_replicated(mirror)
+    os.unlink(path)
+    assert os.listdir(mirror.replica_dir) == []
     assert_replicated(mirror)
 
 
@@ -566,7 +647,82 @@ def test_o_dsync_write(mirror: Any) -> None:
     assert_replicated(mirror)
 
 
+def test_mmap_shared_write(mirror: Any) -> None:
+    path = mirror.mountpoint / "mapped"
+    path.write_bytes(bytes(3 * 4096))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 3 * 4096) as mm:
+        mm[100:105] = b"hello"
+        mm[8192:8195] = b"end"
+        mm.flush()
+    expected = bytearray(3 * 4096)
+    expected[100:105] = b"hello"
+    expected[8192:8195] = b"end"
+    assert read(path) == expected
+    assert read(mirror.replica_dir / "mapped") == expected
+    assert_replicated(mirror)
+
+
+def test_posix_fallocate_extends_with_zeros(mirror: Any) -> None:
+    path = mirror.mountpoint / "ibdata1"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o660)
+    try:
+        os.write(fd, b"header")
+        os.posix_fallocate(fd, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        assert os.pread(fd, 10, 0) == b"header\0\0\0\0"
+        assert os.pread(fd, 4096, (1 << 20) - 4096) == bytes(4096)
+    finally:
+        os.close(fd)
+    assert os.stat(mirror.replica_dir / "ibdata1").st_size == 1 << 20
+    assert_replicated(mirror)
+
+
 # ----------------------------------------------------------------------- metadata, access
+
+
+def test_setgid_directory_inheritance(mirror: Any) -> None:
+    root = mirror.mountpoint
+    shared = root / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, 1234)
+    os.chmod(shared, 0o2775)
+    (shared / "f").write_bytes(b"x")
+    (shared / "sub").mkdir(mode=0o755)
+    for where in (root, mirror.replica_dir):
+        assert os.stat(where / "shared" / "f").st_gid == 1234, where
+        st = os.stat(where / "shared" / "sub")
+        assert st.st_gid == 1234 and st.st_mode & stat.S_ISGID, where
+    assert_replicated(mirror)
+
+
+def test_forgotten_inodes_are_found_again(mirror: Any) -> None:
+    """After the kernel forgets inodes (memory pressure), ops on them still replicate."""
+    root = mirror.mountpoint
+    (root / "d" / "e").mkdir(parents=True)
+    for i in range(50):
+        (root / "d" / "e" / f"f{i}").write_bytes(b"%d" % i)
+    os.link(root / "d" / "e" / "f0", root / "d" / "hard")
+    os.symlink("e/f1", root / "d" / "sym")
+    held = os.open(root / "d" / "e" / "f2", os.O_RDWR)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        os.pwrite(held, b"still", 0)
+        for i in range(3, 50, 7):
+            (root / "d" / "e" / f"f{i}").write_bytes(b"rewritten")
+        os.utime(root / "d" / "sym", ns=(5, 5), follow_symlinks=False)
+        os.rename(root / "d" / "e", root / "d" / "e2")
+        os.unlink(root / "d" / "e2" / "f0")
+        with open(root / "d" / "hard", "ab") as f:
+            f.write(b"+hard")
+        os.setxattr(root / "d" / "e2" / "f4", "user.k", b"v")
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        os.chmod(root / "d" / "e2" / "f5", 0o600)
+        os.truncate(root / "d" / "e2" / "f6", 1)
+    finally:
+        os.close(held)
+    assert read(root / "d" / "hard") == b"0+hard"
+    assert read(mirror.replica_dir / "d" / "e2" / "f2") == b"still"
+    assert_replicated(mirror)
 
 
 def test_parent_directory_mtimes_follow_creates_and_unlinks(mirror: Any) -> None:

@@ -25,7 +25,7 @@ import pytest
 from hafs import manifest
 
 SEEDS = [1, 2, 3, 20240607]
-OPS = 1000
+OPS = 1500
 MAX_SIZE = 3 << 20
 NAMES = ["a", "b", "c", "d", "ib_log", "t1.ibd", "x" * 40, "name with space", "é"]
 FILE_MODES = [0o644, 0o600, 0o640, 0o755, 0o000, 0o4755, 0o2750, 0o1644]
@@ -318,14 +318,16 @@ class Workload:
             self.insert_tree(src, dst, self.remove_tree(src))
 
     def op_link(self) -> None:
-        src, dst = self.pick("file", "fifo"), self.new_path()
+        src, dst = self.pick("file", "fifo", "symlink"), self.new_path()
         if src is None or related(src, dst):
             return
         self.note(f"link {src!r} -> {dst!r}")
         if dst in self.model:
-            self.expect_error(errno.EEXIST, os.link, self.p(src), self.p(dst))
+            self.expect_error(
+                errno.EEXIST, os.link, self.p(src), self.p(dst), follow_symlinks=False
+            )
             return
-        os.link(self.p(src), self.p(dst))
+        os.link(self.p(src), self.p(dst), follow_symlinks=False)
         self.model[dst] = self.model[src]
 
     def op_unlink(self) -> None:

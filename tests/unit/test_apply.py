@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -347,7 +349,11 @@ def test_times_trailer(rep: Replica, root: Path) -> None:
     assert (d.st_atime_ns, d.st_mtime_ns) == (3 * 10**9, 4 * 10**9)
     assert link.st_mtime_ns == 6 * 10**9
     # A trailer on a WRITE applies after the data, so the write does not bump mtime again.
-    rep.write(2, 1, b"y", )
+    rep.write(
+        2,
+        1,
+        b"y",
+    )
     rep.op(Op.WRITE, 2, 2, blobs=(b"z",), times=(FileTimes(2, 7, 8),))
     assert (root / "f").stat().st_mtime_ns == 8
 
@@ -361,6 +367,35 @@ def test_fsync_target(rep: Replica, root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_fsync_target_never_opens_special_files(rep: Replica, root: Path, kind: str) -> None:
+    """Opening a FIFO blocks until a writer comes (hanging the stream for good), and opening
+    a device planted in the tree acts on the device: FSYNC on either is refused."""
+    path = root / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # like /dev/null
+    rep.bind(2, ROOT_INO, kind.encode())
+    result: list[object] = []
+
+    def target() -> None:
+        try:
+            os.close(rep.applier.fsync_target(2))
+            result.append("opened")
+        except Exception as e:
+            result.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # unblock the thread stuck in open() before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("FSYNC on a FIFO blocked in open()")
+    assert len(result) == 1 and isinstance(result[0], ProtocolError), result
 
 
 def test_write_to_directory_refused(rep: Replica, root: Path) -> None:
@@ -515,7 +550,7 @@ def test_op_on_bound_symlink_refused(
     rep: Replica, evil_file: Path, guard: Callable[[], None], opname: str
 ) -> None:
     rep.bind(20, ROOT_INO, b"sl")
-    with pytest.raises(ProtocolError, match="symlink|not a regular file"):
+    with pytest.raises(ProtocolError, match="symlink|not a regular file|fsync refused"):
         SYMLINK_TARGET_REFUSED[opname](rep)
 
 
@@ -593,7 +628,21 @@ def test_root_cannot_be_rebound_outside(
 # -- fuzz: any op either applies, or raises ProtocolError / OSError, and stays inside -----
 
 NAMES = st.sampled_from(
-    [b"a", b"b", b"d", b"evil", b"sl", b"fifo", b"..", b".", b"../x", b"/tmp/x", b"a/b", b"", b"n\0"]
+    [
+        b"a",
+        b"b",
+        b"d",
+        b"evil",
+        b"sl",
+        b"fifo",
+        b"..",
+        b".",
+        b"../x",
+        b"/tmp/x",
+        b"a/b",
+        b"",
+        b"n\0",
+    ]
 )
 SMALL_INTS = st.one_of(
     st.integers(0, 12),
@@ -678,10 +727,8 @@ def test_fuzz_ops_stay_confined(frames: list[OpFrame]) -> None:
             rep.bind(3, ROOT_INO, b"sl")
             rep.bind(4, ROOT_INO, b"d")
             for frame in frames:
-                try:
+                with contextlib.suppress(ProtocolError, OSError):
                     rep.applier.apply(_wire(frame))
-                except (ProtocolError, OSError):
-                    pass
         finally:
             rep.close()
         assert snapshot(outside) == before
