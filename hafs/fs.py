@@ -242,19 +242,15 @@ class HafsOperations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        kind = "data" if fields.update_size else "meta"
-        self.rep.journal_if_alone(
-            kind,
-            inode,
-            attr.st_size if fields.update_size else 0,
-            1 << 62 if fields.update_size else 0,
-        )
+        kind = "truncate" if fields.update_size else "meta"
+        size = attr.st_size if fields.update_size else 0
+        self.rep.journal_if_alone(kind, inode, size)
         frames = self._apply_setattr(inode, node, attr, fields, fh)
         st = os.fstat(node.fd)
         frames.append(OpFrame(Op.TIMES, times=(self._times(inode, st),)))
         seq = 0
         for frame in frames:
-            seq = self.rep.send(frame, kind, inode)
+            seq = self.rep.send(frame, kind, inode, size)
         await self.rep.applied(seq)
         return self._attr(inode, st)
 
@@ -484,10 +480,10 @@ class HafsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         fh = self._open_handle(inode, flags)
         if flags & os.O_TRUNC:
-            self.rep.journal_if_alone("data", inode, 0, 1 << 62)
+            self.rep.journal_if_alone("truncate", inode, 0)
             os.ftruncate(self.handles[fh].fd, 0)
             frame = OpFrame(Op.TRUNCATE, (inode, 0), times=(self._times(inode),))
-            await self.rep.applied(self.rep.send(frame, "data", inode, 0, 1 << 62))
+            await self.rep.applied(self.rep.send(frame, "truncate", inode, 0))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors

@@ -20,7 +20,10 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class JournalRecord:
-    kind: str  # "data", "meta", "entry" (created/removed/renamed name), "inflight"
+    # "data" (chunk changed), "truncate" (size changed; chunk = first chunk affected),
+    # "meta" (mode, owner, times, xattrs), "entry" (a name created/removed/renamed under
+    # the directory), "unclean" (a crash while mirroring: the whole tree needs checking)
+    kind: str
     path: str
     ino: int
     chunk: int = -1  # for "data": the 1 MiB chunk index
@@ -66,6 +69,8 @@ class Journal:
         if kind == "data":
             first, last = offset // CHUNK, max(offset + length - 1, offset) // CHUNK
             recs = [JournalRecord(kind, path, ino, c) for c in range(first, last + 1)]
+        elif kind == "truncate":  # the new size: everything from its chunk on may differ
+            recs = [JournalRecord(kind, path, ino, offset // CHUNK)]
         else:
             recs = [JournalRecord(kind, path, ino)]
         new = [r for r in recs if self._remember(r)]

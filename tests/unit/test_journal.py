@@ -156,3 +156,12 @@ def test_binary_garbage_tail_ignored(path: Path) -> None:
         JournalRecord("meta", "/ok", 2),
         JournalRecord("meta", "/next", 3),
     ]
+
+
+def test_truncate_is_one_record_from_the_new_size_on(tmp_path: Path) -> None:
+    """A size change names where the file may now differ, whatever the old size was."""
+    journal = Journal(tmp_path / "journal")
+    journal.record("truncate", "db/ib_logfile0", 7, 5 * CHUNK + 3)
+    journal.record("truncate", "db/ib_logfile0", 7, 5 * CHUNK + 9)  # same chunk: deduplicated
+    assert journal.records() == [JournalRecord("truncate", "db/ib_logfile0", 7, 5)]
+    journal.close()
