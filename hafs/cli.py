@@ -109,6 +109,13 @@ def fs_mount(
     standalone: Annotated[bool, typer.Option(help="no peer: the benchmark baseline")] = False,
     mountpoint: Annotated[Path | None, typer.Option(help="mount here instead of over DIR")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for an ack before ALONE")] = 5.0,
+    xattrs: Annotated[
+        bool,
+        typer.Option(
+            help="serve extended attributes; --no-xattrs saves the kernel's getxattr before "
+            "every buffered write (EOPNOTSUPP for applications' xattr calls)"
+        ),
+    ] = True,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -128,6 +135,7 @@ def fs_mount(
         peer=_hostport(peer) if peer else None,
         key=_key(key) if key else None,
         timeout=timeout,
+        xattrs=xattrs,
     )
     try:
         run_mount(cfg)

@@ -31,6 +31,7 @@ class MountConfig:
     peer: tuple[str, int] | None  # None: standalone
     key: bytes | None
     timeout: float
+    xattrs: bool = True
 
 
 def _prepare_process() -> None:
@@ -49,7 +50,7 @@ def run_mount(cfg: MountConfig) -> None:
     # is the only way left to reach the files underneath.
     root_fd = os.open(cfg.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
-    operations = HafsOperations(root_fd, replicator)
+    operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal)
     options = set(pyfuse3.default_options) | {"fsname=hafs", "subtype=hafs", "allow_other"}
@@ -61,6 +62,7 @@ def run_mount(cfg: MountConfig) -> None:
             "dir": cfg.data_dir,
             "mountpoint": cfg.mountpoint,
             **replicator.snapshot(),
+            "requests": dict(operations.requests),
         },
     )
     log.info("mounted %s over %s (%s)", cfg.mountpoint, cfg.data_dir, replicator.mode.value)
