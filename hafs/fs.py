@@ -314,7 +314,7 @@ class HafsOperations(pyfuse3.Operations):
         frame = OpFrame(
             frame.op, frame.ints, frame.blobs, (self._times(parent), self._times(ino, st))
         )
-        await self.rep.applied(self.rep.send(frame, "entry", ino))
+        await self.rep.applied(self.rep.send(frame, "entry", parent))
         return self._attr(ino, st)
 
     def _chown_new(self, parent: int, name: bytes, ctx: Any) -> None:
@@ -379,7 +379,7 @@ class HafsOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self.rep.journal_if_alone("entry", inode)
+        self.rep.journal_if_alone("entry", new_parent_inode)
         os.link(
             self._proc(inode),
             new_name,
@@ -395,7 +395,7 @@ class HafsOperations(pyfuse3.Operations):
             (new_name,),
             (self._times(new_parent_inode), self._times(inode, st)),
         )
-        await self.rep.applied(self.rep.send(frame, "entry", inode))
+        await self.rep.applied(self.rep.send(frame, "entry", new_parent_inode))
         return self._attr(inode, st)
 
     async def _remove(self, op: Op, parent: int, name: bytes) -> None:
@@ -454,7 +454,8 @@ class HafsOperations(pyfuse3.Operations):
             (name_old, name_new),
             tuple(times.values()),
         )
-        await self.rep.applied(self.rep.send(frame, "entry", moved))
+        seq = self.rep.send(frame, "entry", parent_inode_old, also=(parent_inode_new,))
+        await self.rep.applied(seq)
 
     def _renamed(
         self,
@@ -516,7 +517,7 @@ class HafsOperations(pyfuse3.Operations):
             (name,),
             (self._times(parent_inode), self._times(ino, st)),
         )
-        await self.rep.applied(self.rep.send(frame, "entry", ino))
+        await self.rep.applied(self.rep.send(frame, "entry", parent_inode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
 
     @fuse_errors

@@ -98,9 +98,19 @@ class Replicator:
             self.journal.record(kind, self.path_of(ino), ino, offset, length)
 
     def send(
-        self, frame: ops.OpFrame, kind: str = "", ino: int = 0, offset: int = 0, length: int = 0
+        self,
+        frame: ops.OpFrame,
+        kind: str = "",
+        ino: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        also: tuple[int, ...] = (),
     ) -> int:
-        """Queue one op after its local change; returns its seq, 0 when not mirroring."""
+        """Queue one op after its local change; returns its seq, 0 when not mirroring.
+
+        kind/ino (and `also`: more inodes, like a rename's second directory) name what the
+        op changes, for the journal if it is still in flight when the peer fails.
+        """
         if self.mode is not Mode.MIRROR or self._writer is None:
             return 0
         bufs = self._writer.seal(p.FrameType.OP, *ops.encode(frame))
@@ -112,6 +122,7 @@ class Replicator:
         self._transmit(bufs)
         if kind:
             self._inflight.append(Change(seq, kind, ino, offset, length))
+            self._inflight.extend(Change(seq, kind, other, 0, 0) for other in also)
         self.sent_ops += 1
         return seq
 
