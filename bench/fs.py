@@ -252,23 +252,23 @@ def _verify(t: Target) -> str:
 
 
 @contextlib.contextmanager
-def local_setup(work: Path) -> Iterator[Target]:
+def local_setup(work: Path, mount_args: Sequence[str]) -> Iterator[Target]:
     d = work / "local"
     d.mkdir()
     yield Target(d)
 
 
 @contextlib.contextmanager
-def standalone_setup(work: Path) -> Iterator[Target]:
+def standalone_setup(work: Path, mount_args: Sequence[str]) -> Iterator[Target]:
     backing, mnt, state = work / "sa-backing", work / "sa-mnt", work / "sa-state"
     for p in (backing, mnt):
         p.mkdir()
-    with cluster.mount(backing, mountpoint=mnt, state_dir=state) as proc:
+    with cluster.mount(backing, mountpoint=mnt, state_dir=state, extra_args=mount_args) as proc:
         yield Target(mnt, mount=proc, backing=backing)
 
 
 @contextlib.contextmanager
-def replicated_setup(work: Path) -> Iterator[Target]:
+def replicated_setup(work: Path, mount_args: Sequence[str]) -> Iterator[Target]:
     backing, mnt, rdir = work / "rep-backing", work / "rep-mnt", work / "rep-replica"
     for p in (backing, mnt, rdir):
         p.mkdir()
@@ -277,7 +277,12 @@ def replicated_setup(work: Path) -> Iterator[Target]:
     with (
         cluster.replica(rdir, listen=peer, key=key, state_dir=work / "rep-rstate"),
         cluster.mount(
-            backing, peer=peer, key=key, mountpoint=mnt, state_dir=work / "rep-mstate"
+            backing,
+            peer=peer,
+            key=key,
+            mountpoint=mnt,
+            state_dir=work / "rep-mstate",
+            extra_args=mount_args,
         ) as proc,
     ):
         yield Target(mnt, mount=proc, peer=peer, key=key, backing=backing)
@@ -306,13 +311,15 @@ class Run:
     loadavg_end: float = 0.0
 
 
-def run_setup(name: str, rnd: int, base: Path, sz: Sizes, groups: list[str]) -> Run:
+def run_setup(
+    name: str, rnd: int, base: Path, sz: Sizes, groups: list[str], mount_args: Sequence[str]
+) -> Run:
     run = Run(name, rnd, loadavg_start=os.getloadavg()[0])
     t0 = time.monotonic()
     work = base / f"{name}-{rnd}"
     work.mkdir()
     try:
-        with SETUP_FUNCS[name](work) as target:
+        with SETUP_FUNCS[name](work, mount_args) as target:
             try:
                 for group in groups:
                     for measure in MEASUREMENTS[group]:
@@ -416,6 +423,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
     p.add_argument("--only", choices=sorted(MEASUREMENTS), help="run only one group")
     p.add_argument("--setups", default=",".join(SETUPS), help="comma list (default: all three)")
+    p.add_argument(
+        "--mount-args",
+        default="--no-xattrs",
+        help="options for both hafs mounts (default: --no-xattrs, as for MariaDB)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the work dir")
     args = p.parse_args(argv)
     args.setups = [s for s in args.setups.split(",") if s]
@@ -447,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             for name in args.setups:
                 _progress(f"round {rnd}/{args.rounds}: {name}")
-                runs.append(run_setup(name, rnd, base, sz, groups))
+                runs.append(run_setup(name, rnd, base, sz, groups, args.mount_args.split()))
     finally:
         _remove(base)
     summary = summarize(runs)

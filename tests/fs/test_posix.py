@@ -129,7 +129,7 @@ def test_create_write_read(mirror: Any, hafs_bin: Path) -> None:
 
 def test_pwrite_offsets_and_sparse_file(mirror: Any) -> None:
     path = mirror.mountpoint / "sparse"
-    far = 5 << 30  # past 4 GiB: offsets must not be truncated to 32 bits
+    far = 64 << 20
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         assert os.pwrite(fd, b"head", 0) == 4
@@ -142,8 +142,6 @@ def test_pwrite_offsets_and_sparse_file(mirror: Any) -> None:
         assert os.pread(fd, 100, far) == b"tail"
     finally:
         os.close(fd)
-    st = os.stat(path)
-    assert st.st_size == far + 4
     for where in (mirror.mountpoint, mirror.replica_dir):
         st = os.stat(where / "sparse")
         assert st.st_size == far + 4
@@ -151,6 +149,28 @@ def test_pwrite_offsets_and_sparse_file(mirror: Any) -> None:
     with open(mirror.replica_dir / "sparse", "rb") as f:
         f.seek(far - 4096)
         assert f.read() == bytes(4096) + b"tail"
+    assert_replicated(mirror)
+
+
+def test_pwrite_past_4_gib(mirror: Any) -> None:
+    """Offsets and sizes beyond 32 bits (checked directly: a manifest would read 5 GiB)."""
+    path = mirror.mountpoint / "big"
+    far = (5 << 30) + 12345
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.pwrite(fd, b"far", far) == 3
+        assert os.pread(fd, 10, far - 2) == b"\0\0far"
+        os.ftruncate(fd, far + 2)
+    finally:
+        os.close(fd)
+    for where in (mirror.mountpoint, mirror.replica_dir):
+        assert os.stat(where / "big").st_size == far + 2, where
+        with open(where / "big", "rb") as f:
+            f.seek(far - 2)
+            assert f.read() == b"\0\0fa", where
+            f.seek(far & 0xFFFFFFFF)  # where a 32-bit offset would have written
+            assert f.read(3) == b"\0\0\0", where
+    os.truncate(path, 4096)  # keep the manifests cheap
     assert_replicated(mirror)
 
 
@@ -303,6 +323,22 @@ def test_chmod_chown_utime(mirror: Any) -> None:
         assert os.stat(where / "d").st_mtime_ns == mtime + 1, where
         assert os.lstat(where / "ln").st_mtime_ns == mtime + 2, where
         assert os.stat(where / "f").st_mtime_ns == mtime, "utime on a link followed it"
+    assert_replicated(mirror)
+
+
+def test_metadata_of_the_mount_root(mirror: Any) -> None:
+    root = mirror.mountpoint
+    (root / "f").write_bytes(b"x")
+    os.chmod(root, 0o751)
+    os.chown(root, 1234, 1234)
+    os.setxattr(root, "user.root", b"r")
+    os.utime(root, ns=(10, 20))
+    os.utime(root / "f", ns=(-1_500_000_000, -1))  # before 1970
+    for where in (root, mirror.replica_dir):
+        st = os.stat(where)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o751, 1234, 20), where
+        assert os.getxattr(where, "user.root") == b"r", where
+        assert os.stat(where / "f").st_mtime_ns == -1, where
     assert_replicated(mirror)
 
 
@@ -746,6 +782,16 @@ def test_parent_directory_mtimes_follow_creates_and_unlinks(mirror: Any) -> None
     for rel in ("a/b", "a", "."):
         same_mtime(mirror, rel)
     assert_replicated(mirror)
+    for rel in ("a/b", "a", "."):
+        os.utime(root / rel, ns=(old, old))
+    os.rename(root / "a" / "s", root / "a" / "b" / "s")
+    os.mkdir(root / "a" / "b" / "new")
+    os.rmdir(root / "a" / "b" / "new")
+    os.mkdir(root / "n")
+    for rel in ("a/b", "a", "."):
+        assert os.stat(root / rel).st_mtime_ns != old, rel
+        same_mtime(mirror, rel)
+    assert_replicated(mirror)
 
 
 def test_mysql_owned_file_access(mirror: Any) -> None:
@@ -794,6 +840,39 @@ def test_mysql_owned_file_access(mirror: Any) -> None:
     replica = assert_replicated(mirror)
     assert replica["datadir/ibdata1"].uid == mysql.pw_uid
     assert replica["datadir/ibdata1"].mode == 0o600
+
+
+def test_unprivileged_write_clears_set_id_bits_and_chown_is_refused(mirror: Any) -> None:
+    root = mirror.mountpoint
+    mysql = pwd.getpwnam("mysql")
+    for name, mode in (("f", 0o6775), ("g", 0o4755)):
+        (root / name).write_bytes(b"x")
+        os.chown(root / name, mysql.pw_uid, mysql.pw_gid)
+        os.chmod(root / name, mode)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+
+        def as_mysql() -> str:
+            fd = os.open("f", os.O_WRONLY, dir_fd=root_fd)
+            os.write(fd, b"y")
+            os.close(fd)
+            fd = os.open("g", os.O_WRONLY, dir_fd=root_fd)
+            os.ftruncate(fd, 0)
+            os.close(fd)
+            try:
+                os.chown("g", 0, 0, dir_fd=root_fd)
+            except PermissionError as e:
+                return errno.errorcode[e.errno]
+            return "chowned"
+
+        assert run_as("mysql", as_mysql) == "EPERM"
+    finally:
+        os.close(root_fd)
+    for where in (root, mirror.replica_dir):
+        assert stat.S_IMODE(os.stat(where / "f").st_mode) == 0o775, where
+        assert stat.S_IMODE(os.stat(where / "g").st_mode) == 0o755, where
+        assert os.stat(where / "g").st_uid == mysql.pw_uid, where
+    assert_replicated(mirror)
 
 
 def test_directory_listing_is_complete(mirror: Any, hafs_bin: Path) -> None:

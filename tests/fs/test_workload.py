@@ -16,6 +16,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -585,6 +586,16 @@ def compare_manifests(m: Any) -> list[str]:
     return diffs
 
 
+def hafs_verify(m: Any, hafs_bin: Path, seed: int) -> None:
+    result = subprocess.run(
+        [str(hafs_bin), "fs", "verify", str(m.mountpoint), "--peer", m.peer, "--key", str(m.key)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"seed {seed}: hafs fs verify:\n{result.stdout}{result.stderr}"
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_workload_is_replicated(mirror: Any, hafs_bin: Path, seed: int) -> None:
     work = Workload(mirror.mountpoint, seed)
@@ -614,22 +625,32 @@ def test_random_workload_is_replicated(mirror: Any, hafs_bin: Path, seed: int) -
     assert not problems, f"seed {seed}: mount differs from the model:\n" + "\n".join(problems)
     diffs = compare_manifests(mirror)
     assert not diffs, f"seed {seed}: manifests differ:\n" + "\n".join(diffs)
-    result = subprocess.run(
-        [
-            str(hafs_bin),
-            "fs",
-            "verify",
-            str(mirror.mountpoint),
-            "--peer",
-            mirror.peer,
-            "--key",
-            str(mirror.key),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"seed {seed}: hafs fs verify:\n{result.stdout}{result.stderr}"
+    hafs_verify(mirror, hafs_bin, seed)
     # The workload must have exercised what it claims to (a weak seed would prove little).
     assert len(work.model) > 5 and len(work.counts) == len(work.ops), work.counts
     print(f"seed {seed}: {OPS} ops in {elapsed:.1f}s, {len(work.model)} entries, {work.counts}")
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_concurrent_workloads_are_replicated(mirror: Any, hafs_bin: Path, seed: int) -> None:
+    """Threads working at once (each in its own subtree) keep the stream in change order."""
+    works = []
+    for t in range(4):
+        (mirror.mountpoint / f"t{t}").mkdir()
+        works.append(Workload(mirror.mountpoint / f"t{t}", seed * 100 + t))
+    with ThreadPoolExecutor(len(works)) as pool:
+        futures = [pool.submit(w.run, OPS // 3, lambda: None) for w in works]
+    for t, (work, future) in enumerate(zip(works, futures, strict=True)):
+        error = future.exception()
+        if error is not None:
+            last = "\n".join(work.log[-30:])
+            pytest.fail(f"seed {seed} thread {t}: {error!r}\nlast ops:\n{last}")
+    assert mirror.mount.status()["mode"] == "MIRROR", mirror.mount.log_tail()
+    for t, work in enumerate(works):
+        problems = work.check_tree()
+        assert not problems, f"seed {seed} thread {t}: mount differs from the model:\n" + (
+            "\n".join(problems)
+        )
+    diffs = compare_manifests(mirror)
+    assert not diffs, f"seed {seed}: manifests differ:\n" + "\n".join(diffs)
+    hafs_verify(mirror, hafs_bin, seed)
