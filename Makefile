@@ -26,9 +26,9 @@ install-python:
 	@$(VENV)/bin/hafs --help >/dev/null && echo "installed: $(VENV)/bin/hafs"
 
 lint:
-	$(VENV)/bin/ruff check hafs tests bench
-	$(VENV)/bin/ruff format --check hafs tests bench
-	$(VENV)/bin/mypy hafs
+	$(VENV)/bin/ruff check hafs controller tests bench
+	$(VENV)/bin/ruff format --check hafs controller tests bench
+	$(VENV)/bin/mypy hafs controller
 
 test: install lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 fs_app = typer.Typer(no_args_is_help=True, help="The data path: mount, replica, verify.")
 app.add_typer(fs_app, name="fs")
+config_app = typer.Typer(no_args_is_help=True, help="Configuration: cluster.xml and modules.")
+app.add_typer(config_app, name="config")
 
 KeyOpt = Annotated[Path, typer.Option("--key", help="cluster key file (hafs keygen)")]
 StateOpt = Annotated[
@@ -198,3 +200,31 @@ def _fetch_manifest(addr: tuple[str, int], key: bytes, timeout: float) -> dict[s
                 if not frame.payload:
                     return manifest.from_bytes(b"".join(chunks))
                 chunks.append(bytes(frame.payload))
+
+
+@config_app.command("check")
+def config_check(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="module directories (conf/userconfig.xml + bin/), userconfig.xml or "
+            "cluster.xml files; the modules' lans and nodes are checked against a cluster.xml "
+            "given with them"
+        ),
+    ],
+) -> None:
+    """Validate configuration without starting anything: print `ok: PATH` for each valid
+    path and `FILE:LINE: message` for each problem; exit 0 if all are valid, 1 if not."""
+    from controller import config
+
+    for path in paths:
+        if not path.exists():
+            _fail(f"{path}: no such file or directory")
+    problems = config.check(*paths)
+    for problem in problems:
+        typer.echo(str(problem))
+    for path in paths:
+        if not any(path == Path(p.file) or path in Path(p.file).parents for p in problems):
+            typer.echo(f"ok: {path}")
+    if problems:
+        raise typer.Exit(1)

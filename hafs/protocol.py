@@ -181,8 +181,9 @@ class FrameReader:
         self._key = key
         self._buf = bytearray()
         self.seq = 0
+        self.scratch = bytearray(1 << 18)  # receive buffer for blocking-socket readers
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
 
     def frames(self) -> list[Frame]:

@@ -85,6 +85,8 @@ class Replicator:
         self._tiebreak = itertools.count()
         self._cancel = trio.CancelScope()
         self.sent_ops = 0
+        self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
+        self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED
 
     # -- called by the file system handlers ----------------------------------------------
 
@@ -305,7 +307,9 @@ class Replicator:
             self._on_ack(p.ACK_BODY.unpack(frame.payload)[0])
         elif frame.ftype is p.FrameType.SYNCED:
             (seq,) = p.ACK_BODY.unpack(frame.payload)
-            self._sync_started.pop(seq, None)
+            started = self._sync_started.pop(seq, None)
+            if started is not None:
+                self.sync_rtt = 0.9 * self.sync_rtt + 0.1 * (trio.current_time() - started)
             self._sync_waiters.setdefault(seq, trio.Event()).set()
         elif frame.ftype is p.FrameType.FAILED:
             seq, err = p.FAILED_BODY.unpack(frame.payload)
@@ -315,8 +319,11 @@ class Replicator:
 
     def _on_ack(self, seq: int) -> None:
         self._acked = max(self._acked, seq)
+        sent_at = -1.0
         while self._unacked_since and self._unacked_since[0][0] <= seq:
-            self._unacked_since.popleft()
+            sent_at = self._unacked_since.popleft()[1]
+        if sent_at >= 0:  # the newest op this ACK covers: its round trip, smoothed
+            self.ack_rtt = 0.9 * self.ack_rtt + 0.1 * (trio.current_time() - sent_at)
         while self._inflight and self._inflight[0].seq <= seq:
             self._inflight.popleft()
         while self._ack_waiters and self._ack_waiters[0][0] <= seq:
@@ -341,6 +348,8 @@ class Replicator:
             "reason": self.reason,
             "acked": self._acked,
             "sent_ops": self.sent_ops,
+            "ack_rtt_us": round(self.ack_rtt * 1e6),
+            "sync_rtt_us": round(self.sync_rtt * 1e6),
             "inflight": len(self._inflight),
             "journal": self.journal.paths(),
         }

@@ -58,10 +58,11 @@ def connect(
 def recv_frames(sock: socket.socket, reader: p.FrameReader) -> list[p.Frame]:
     """Block until at least one whole frame arrived; [] means the peer closed."""
     while True:
-        data = sock.recv(1 << 20)
-        if not data:
+        # recv_into a reused buffer: recv(1 MiB) would mmap and munmap a fresh one per call.
+        n = sock.recv_into(reader.scratch)
+        if not n:
             return []
-        reader.feed(data)
+        reader.feed(memoryview(reader.scratch)[:n])
         frames = reader.frames()
         if frames:
             return frames
