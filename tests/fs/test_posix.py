@@ -672,11 +672,17 @@ def test_o_direct_aligned_write_and_read(mirror: Any) -> None:
 def test_o_dsync_write(mirror: Any) -> None:
     path = mirror.mountpoint / "redo"
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_DSYNC, 0o660)
+    before = mirror.mount.status()
     try:
         for i in range(10):
             assert os.write(fd, bytes([i]) * 512) == 512
     finally:
         os.close(fd)
+    after = mirror.mount.status()
+    # Each O_DSYNC write must reach our fsync handler (which syncs both nodes): the
+    # backing fd is opened without O_DSYNC, so this is the only durability there is.
+    fsyncs = after["requests"].get("fsync", 0) - before["requests"].get("fsync", 0)
+    assert fsyncs >= 10
     expected = b"".join(bytes([i]) * 512 for i in range(10))
     assert read(path) == expected
     assert read(mirror.replica_dir / "redo") == expected
