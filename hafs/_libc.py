@@ -28,6 +28,7 @@ class _Timespec(ctypes.Structure):
 
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
 
+AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_EMPTY_PATH = 0x1000

@@ -7,7 +7,6 @@ primary holds (manifests of the mount, the backing directory and the replica agr
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -24,24 +23,12 @@ from typing import Any
 import pytest
 
 from hafs import manifest
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
+from hafs._libc import AT_FDCWD, RENAME_EXCHANGE, RENAME_NOREPLACE
+from hafs._libc import renameat2 as _renameat2
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(old), None, str(new))
+    _renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
 
 
 def assert_replicated(m: Any) -> dict[str, manifest.Entry]:

@@ -8,7 +8,6 @@ identical manifests (`hafs fs verify` agrees). A failure names the seed and the 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import random
@@ -24,6 +23,8 @@ from typing import Any
 import pytest
 
 from hafs import manifest
+from hafs._libc import AT_FDCWD, RENAME_EXCHANGE, RENAME_NOREPLACE
+from hafs._libc import renameat2 as _renameat2
 
 SEEDS = [1, 2, 3, 20240607]
 OPS = 1500
@@ -35,23 +36,9 @@ OWNERS = [(0, 0), (1234, 1234), (65534, 65534), (102, 105)]
 XATTR_NAMES = ["user.a", "user.checksum", "user.mysql.x"]
 SYMLINK_TARGETS = ["a", "../b", "no/such/file", "/etc/passwd", "/var/lib/mysql/outside", "."]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-
 
 def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old, None, new)
+    _renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
 
 
 @dataclass(eq=False)
