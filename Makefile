@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
-	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc
+	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
 
 .PHONY: install install-system install-python test lint unit bench-fs clean
 

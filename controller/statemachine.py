@@ -1283,7 +1283,9 @@ def _peer_lost(v: NodeView, announced: bool) -> Transition:
         case State.ALONE | State.PRIM:
             if v.witness is not None:  # a repeated loss must not bypass the question
                 return _stay(v, f"{why}: waiting for the witness")
-            could_take_over = prev is not None and prev.synced_second
+            # A PRIM's SECOND may have finished its resync in a heartbeat this node never
+            # received, so PRIM always asks; an ALONE node's peer cannot be synchronised.
+            could_take_over = v.state is State.PRIM or (prev is not None and prev.synced_second)
             if could_take_over and not announced and v.policy.witness:
                 new = replace(v, witness=Witness.KEEP, why=f"{why}: asking the witness")
                 return _stay(new, new.why, AskWitness())

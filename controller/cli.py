@@ -1,0 +1,349 @@
+"""The `hafs` command: SafeKit's verbs for a node's modules, on top of the data path's `hafs fs`.
+
+Exit codes: 0 done; 1 refused or failed (the message says why); 2 bad usage, or the daemon
+is not running. `hafs state -m M -lq` exits with the state's code instead: STOP 0, WAIT 1,
+ALONE 2, PRIM 3, SECOND 4 (SafeKit's `safekit state -lq`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from controller import control
+from controller.modulelog import ModuleLog
+from controller.paths import ROOT_ENV, Layout
+from hafs.cli import app
+
+ModuleOpt = Annotated[str, typer.Option("-m", "--module", help="the module's name")]
+WaitOpt = Annotated[
+    float, typer.Option("--wait", help="seconds to wait for the state to settle (0: do not)")
+]
+COLOUR_CODES = {"red": "31", "orange": "33", "green": "32", "magenta": "35"}
+
+
+@app.callback()
+def main(
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", envvar=ROOT_ENV, help="the node's root (default /)"),
+    ] = None,
+) -> None:
+    """hafs: two-node high availability with synchronous file replication."""
+    if root is not None:
+        os.environ[ROOT_ENV] = str(root)  # every path below, scripts and data processes
+
+
+def _layout() -> Layout:
+    return Layout.from_env()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"hafs: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _ask(cmd: str, module: str | None = None, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+    try:
+        return control.request(_layout(), cmd, module, timeout=timeout, **args)
+    except control.ControlError as e:
+        _fail(str(e), 2)
+
+
+# ---------------------------------------------------------------------- the daemon
+
+
+@app.command()
+def daemon(
+    node: Annotated[str | None, typer.Option(help="this node's name in cluster.xml")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run this node's daemon in the foreground (systemd: hafs.service)."""
+    from controller.daemon import DaemonError, run
+
+    try:
+        run(_layout(), node, verbose)
+    except DaemonError as e:
+        _fail(str(e), 2)
+
+
+# ---------------------------------------------------------------------- state
+
+
+@app.command()
+def state(
+    module: Annotated[str | None, typer.Option("-m", "--module")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+    code_only: Annotated[
+        bool, typer.Option("-lq", help="print nothing; exit with the state's code")
+    ] = False,
+) -> None:
+    """Both nodes' states and colours, for one module or all."""
+    reply = _ask("state", module)
+    if not reply.get("ok"):
+        _fail(reply.get("message", "state failed"))
+    modules = reply["modules"]
+    if code_only:
+        if len(modules) != 1:
+            _fail("-lq needs -m MODULE", 2)
+        raise typer.Exit(modules[0]["code"])
+    if as_json:
+        typer.echo(json.dumps(modules, indent=2))
+        return
+    for snap in modules:
+        typer.echo(_state_lines(snap))
+
+
+def _paint(state: str, colour: str) -> str:
+    text = f"{state} ({colour})"
+    if not sys.stdout.isatty():
+        return text
+    return f"\033[{COLOUR_CODES.get(colour, '0')}m{text}\033[0m"
+
+
+def _state_lines(snap: dict[str, Any]) -> str:
+    peer = snap["peer"]
+    peer_text = "UNKNOWN (no heartbeat)" if peer is None else _paint(peer["state"], peer["colour"])
+    nets = ", ".join(f"{n} {age:.1f}s ago" for n, age in snap["heartbeats"].items()) or "none"
+    return "\n".join(
+        [
+            f"{snap['module']}: {snap['node']} {_paint(snap['state'], snap['colour'])}"
+            f"  {snap['peer_name']} {peer_text}",
+            f"  why: {snap['why']}",
+            f"  copy: {snap['copy']} ({'up to date' if snap['uptodate'] else 'NOT up to date'})"
+            f"  heartbeats: {nets}",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _command(cmd: str, module: str, wait: float, **args: Any) -> None:
+    reply = _ask(cmd, module, **args)
+    typer.echo(f"{module}: {reply.get('message', '')}")
+    if not reply.get("ok"):
+        raise typer.Exit(1)
+    if wait > 0:
+        _wait_settled(module, wait)
+
+
+def _wait_settled(module: str, wait: float) -> None:
+    """Wait until the module is no longer in a transient (orange/magenta) phase."""
+    deadline = time.monotonic() + wait
+    snap: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        snap = _ask("state", module)["modules"][0]
+        if snap["colour"] in ("green", "red") and snap["phase"] != "stopping":
+            break
+        time.sleep(0.2)
+    else:
+        typer.echo(f"{module}: still {snap.get('state')} ({snap.get('colour')}) after {wait:g} s")
+        return
+    typer.echo(f"{module}: {snap['state']} ({snap['colour']}): {snap['why']}")
+
+
+@app.command()
+def start(module: ModuleOpt, wait: WaitOpt = 0.0) -> None:
+    """Start the module: it becomes PRIM, SECOND or ALONE depending on the peer."""
+    _command("start", module, wait)
+
+
+@app.command()
+def stop(module: ModuleOpt, wait: WaitOpt = 120.0) -> None:
+    """Stop the module; on PRIM the synchronised SECOND takes over."""
+    _command("stop", module, wait)
+
+
+@app.command()
+def restart(module: ModuleOpt, wait: WaitOpt = 120.0) -> None:
+    """Restart the application locally (stop_prim, start_prim) without a failover."""
+    _command("restart", module, wait)
+
+
+@app.command()
+def stopstart(module: ModuleOpt, wait: WaitOpt = 0.0) -> None:
+    """Stop then start the module: on PRIM, the SECOND takes over meanwhile."""
+    _command("stopstart", module, wait)
+
+
+@app.command()
+def swap(module: ModuleOpt, wait: WaitOpt = 120.0) -> None:
+    """Exchange PRIM and SECOND, with no data loss and no resync (run it on the PRIM)."""
+    _command("swap", module, wait)
+
+
+@app.command()
+def prim(
+    module: ModuleOpt,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="confirm that this node's copy becomes the reference even though it is not "
+            "up to date: the peer's later changes are lost",
+        ),
+    ] = False,
+    wait: WaitOpt = 120.0,
+) -> None:
+    """Start as primary (ALONE) now: the first start, on the node with the good data."""
+    _command("prim", module, wait, force=force)
+
+
+@app.command()
+def second(
+    module: ModuleOpt,
+    fullsync: Annotated[bool, typer.Option(help="compare and copy every file")] = False,
+    wait: WaitOpt = 0.0,
+) -> None:
+    """Start as SECOND of the peer, which must be PRIM or ALONE."""
+    _command("second", module, wait, fullsync=fullsync)
+
+
+@app.command()
+def failover(
+    module: ModuleOpt,
+    on: Annotated[bool, typer.Argument(help="on or off", parser=lambda s: s == "on")] = True,
+) -> None:
+    """Turn automatic failover on or off at run time (off: a SECOND waits for `prim`)."""
+    _command("failover", module, 0.0, on=on)
+
+
+# ---------------------------------------------------------------------- logs
+
+
+@app.command("log")
+def module_log(
+    module: ModuleOpt,
+    lines: Annotated[int, typer.Option("-n", help="how many of the last lines (0: all)")] = 40,
+    verbose: Annotated[bool, typer.Option(help="also the data processes' logs")] = False,
+) -> None:
+    """The module log: state changes with their reasons, actions and their outcomes."""
+    layout = _layout()
+    for line in ModuleLog(layout.module_log(module), "-").tail(lines):
+        typer.echo(line)
+    if verbose:
+        for path in sorted((layout.logs / module).glob("*.log")):
+            if path.name in ("module.log", "userlog.log"):
+                continue
+            typer.echo(f"==> {path} <==")
+            for line in ModuleLog(path, "-").tail(lines):
+                typer.echo(line)
+
+
+@app.command()
+def userlog(
+    module: ModuleOpt,
+    lines: Annotated[int, typer.Option("-n", help="how many of the last lines (0: all)")] = 0,
+) -> None:
+    """The application log: what the module's scripts printed."""
+    for line in ModuleLog(_layout().user_log(module), "-").tail(lines):
+        typer.echo(line)
+
+
+def _print(level: str, message: str, module: str | None) -> None:
+    name = module or os.environ.get("SAFEMODULE")
+    if not name:
+        _fail("which module? give -m NAME (scripts have $SAFEMODULE)", 2)
+    node = os.environ.get("SAFENODE") or os.uname().nodename
+    ModuleLog(_layout().module_log(name), node).write(level, message)
+
+
+ModuleEnvOpt = Annotated[str | None, typer.Option("-m", "--module", help="default $SAFEMODULE")]
+
+
+@app.command()
+def printi(message: str, module: ModuleEnvOpt = None) -> None:
+    """Write an information line to the module log."""
+    _print("I", message, module)
+
+
+@app.command()
+def printw(message: str, module: ModuleEnvOpt = None) -> None:
+    """Write a warning line to the module log."""
+    _print("W", message, module)
+
+
+@app.command()
+def printe(message: str, module: ModuleEnvOpt = None) -> None:
+    """Write an error line to the module log."""
+    _print("E", message, module)
+
+
+# ---------------------------------------------------------------------- modules
+
+module_app = typer.Typer(no_args_is_help=True, help="Install and distribute modules.")
+app.add_typer(module_app, name="module")
+
+
+@module_app.command("install")
+def module_install(
+    name: Annotated[str, typer.Argument(help="the module's name")],
+    source: Annotated[Path, typer.Argument(help="a module directory or a NAME.safe file")],
+) -> None:
+    """Install (or replace) a module from a directory (conf/userconfig.xml + bin/) or a .safe
+    file (a zip of that directory); the running daemon loads it."""
+    from controller import config
+
+    layout = _layout()
+    with tempfile.TemporaryDirectory(prefix="hafs-module-") as tmp:
+        staged = Path(tmp) / name
+        _stage(source, staged)
+        cluster = config.load_cluster(layout.cluster_xml) if layout.cluster_xml.exists() else None
+        try:
+            config.load_module(staged, cluster, name=name)
+        except config.ConfigError as e:
+            _fail(f"module {name} not installed:\n{e}")
+        target = layout.module_dir(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(staged, target, symlinks=True)
+    for script in (target / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():  # never chmod a link's target
+            script.chmod(script.stat().st_mode | 0o755)
+    typer.echo(f"installed module {name} in {target}")
+    if layout.control_socket.exists():
+        reply = _ask("reload")
+        typer.echo(reply.get("message", ""))
+
+
+def _stage(source: Path, staged: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, staged, symlinks=True)
+        return
+    if not source.is_file() or not zipfile.is_zipfile(source):
+        _fail(f"{source}: neither a module directory nor a .safe (zip) file", 2)
+    with zipfile.ZipFile(source) as z:
+        for member in z.namelist():
+            parts = Path(member).parts
+            if member.startswith("/") or ".." in parts:
+                _fail(f"{source}: refusing the unsafe path {member!r}", 2)
+        z.extractall(staged)
+    inner = [p for p in staged.iterdir()]
+    if not (staged / "conf").is_dir() and len(inner) == 1 and inner[0].is_dir():
+        shutil.copytree(inner[0], staged.with_name(staged.name + ".x"))
+        shutil.rmtree(staged)
+        staged.with_name(staged.name + ".x").rename(staged)
+
+
+@module_app.command("list")
+def module_list() -> None:
+    """The installed modules."""
+    layout = _layout()
+    names = sorted(p.name for p in layout.modules.iterdir()) if layout.modules.is_dir() else []
+    for name in names:
+        typer.echo(name)
+
+
+if __name__ == "__main__":
+    app()

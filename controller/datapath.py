@@ -1,0 +1,269 @@
+"""The daemon's side of the data path: it runs `hafs fs mount` and `hafs fs replica` for each
+replicated directory of a module, switches the mounts between MIRROR and ALONE, and watches
+them.
+
+They are separate processes (design.md section 2): the data path must not stall while the
+daemon is busy, and a daemon crash must not unmount the application's data. They are started
+in their own session, so a signal meant for the daemon does not reach them, and they log to
+the module's log directory.
+
+Ports: replicated directory i of a module listens on `replication_port + i` on the node's
+address of the module's first heartbeat network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hafs import status
+from hafs.mountinfo import force_unmount, is_fuse_mounted
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0  # a mount or replica that is not serving after this has failed
+STOP_TIMEOUT = 20.0  # SIGTERM lets a mount drain its stream; SIGKILL after this
+
+
+class DataPathError(Exception):
+    """A data process could not be started, commanded or stopped."""
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """One replicated directory and where its data processes keep their state."""
+
+    dir: Path
+    state_dir: Path  # parent of mount/ and replica/
+    local: tuple[str, int]  # where this node's replica listens
+    peer: tuple[str, int]  # where the peer's replica listens
+
+    @property
+    def mount_state(self) -> Path:
+        return self.state_dir / "mount"
+
+    @property
+    def replica_state(self) -> Path:
+        return self.state_dir / "replica"
+
+
+def hafs_command(*args: str) -> list[str]:
+    """The hafs CLI of this installation (the venv the daemon runs from)."""
+    return [sys.executable, "-m", "controller.cli", *args]
+
+
+def _mode(snapshot: dict[str, Any]) -> str:
+    """The mount's mode (hafs.replicator.Mode): CONNECTING, MIRROR, ALONE, RESYNC ..."""
+    return str(snapshot.get("mode", "")).upper()
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DataProcess:
+    """One `hafs fs mount|replica` process."""
+
+    def __init__(self, role: str, argv: list[str], status_sock: Path, logfile: Path) -> None:
+        self.role = role
+        self.argv = argv
+        self.status_sock = status_sock
+        self.logfile = logfile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.status_sock.unlink()
+        with self.logfile.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exit_detail(self) -> str:
+        code = None if self.proc is None else self.proc.poll()
+        return f"{self.role} exited with {code} (see {self.logfile})"
+
+    async def status(self) -> dict[str, Any]:
+        return await trio.to_thread.run_sync(status.query, self.status_sock, 5.0)
+
+    async def wait_ready(self, ready: Any) -> dict[str, Any]:
+        """Poll the status socket until `ready(snapshot)`; raise if the process died."""
+        with trio.move_on_after(READY_TIMEOUT):
+            while True:
+                if not self.alive:
+                    raise DataPathError(self.exit_detail())
+                with contextlib.suppress(OSError, ValueError):
+                    snap = await self.status()
+                    if ready(snap):
+                        return snap
+                await trio.sleep(0.1)
+        raise DataPathError(f"{self.role} not ready after {READY_TIMEOUT:g} s (see {self.logfile})")
+
+    async def stop(self) -> None:
+        """SIGTERM, wait for a clean exit (a mount drains its stream), SIGKILL after a while."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT):
+                while proc.poll() is None:
+                    await trio.sleep(0.05)
+            if proc.poll() is None:
+                log.warning("%s did not stop after SIGTERM: killing it", self.role)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await trio.to_thread.run_sync(proc.wait)
+        self.proc = None
+
+
+class DataPath:
+    """The mounts and replica servers of one module on this node."""
+
+    def __init__(self, dirs: list[Replicated], key_file: Path, log_dir: Path, timeout: float):
+        self.dirs = dirs
+        self.key_file = key_file
+        self.log_dir = log_dir
+        self.timeout = timeout
+        self.mounts: list[DataProcess] = []
+        self.replicas: list[DataProcess] = []
+
+    # ------------------------------------------------------------------ primary side
+
+    async def mount(self, alone: bool) -> None:
+        """Mount every directory over itself: ALONE (journaling) or MIRROR (the peer's
+        replica must be listening: the state machine mounts MIRROR only in a swap, where the
+        peer's copy is identical and its replica runs)."""
+        if self.mounts:
+            raise DataPathError("already mounted")
+        for i, d in enumerate(self.dirs):
+            if not alone:
+                # The copies are identical (the state machine says so): a journal or an
+                # unclean mark from an earlier period as primary no longer means anything.
+                shutil.rmtree(d.mount_state, ignore_errors=True)
+            d.mount_state.mkdir(parents=True, exist_ok=True)
+            if is_fuse_mounted(d.dir):  # left by a mount process that died with the node
+                await trio.to_thread.run_sync(force_unmount, d.dir)
+            proc = DataProcess(
+                "mount",
+                self._mount_argv(d, alone),
+                d.mount_state / "status.sock",
+                self.log_dir / f"mount{i}.log",
+            )
+            proc.start()
+            self.mounts.append(proc)
+            await proc.wait_ready(lambda s: _mode(s) in ("MIRROR", "ALONE"))
+            if not is_fuse_mounted(d.dir):
+                raise DataPathError(f"mount of {d.dir} reported ready but is not mounted")
+
+    def _mount_argv(self, d: Replicated, alone: bool) -> list[str]:
+        argv = hafs_command(
+            "fs", "mount", str(d.dir),
+            "--peer", _hostport(d.peer),
+            "--key", str(self.key_file),
+            "--state-dir", str(d.mount_state),
+            "--timeout", str(self.timeout),
+        )  # fmt: skip
+        return [*argv, "--alone"] if alone else argv
+
+    async def mirror(self) -> dict[str, Any]:
+        """Join the peer's replicas: full comparison, copy what differs, then MIRROR."""
+        totals: dict[str, Any] = {"files_copied": 0, "bytes_sent": 0}
+        for proc in self.mounts:
+            # No timeout: the copy takes as long as the data that differs.
+            request = {"cmd": "mirror"}
+            reply = await trio.to_thread.run_sync(status.command, proc.status_sock, request, None)
+            if not reply.get("ok"):
+                raise DataPathError(reply.get("message", "mirror failed"))
+            totals["files_copied"] += reply.get("files_copied", 0)
+            totals["bytes_sent"] += reply.get("bytes_sent", 0)
+        return totals
+
+    async def alone(self, reason: str) -> None:
+        """Stop replicating and journal instead (I5)."""
+        for proc in self.mounts:
+            request = {"cmd": "alone", "reason": reason}
+            await trio.to_thread.run_sync(status.command, proc.status_sock, request, 10.0)
+
+    async def unmount(self) -> None:
+        for proc, d in zip(self.mounts, self.dirs, strict=False):
+            await proc.stop()
+            if is_fuse_mounted(d.dir):
+                await trio.to_thread.run_sync(force_unmount, d.dir)
+        self.mounts = []
+
+    async def replication_lost(self) -> str | None:
+        """Why a mount stopped replicating (it went ALONE by itself, I5), or None."""
+        for proc in self.mounts:
+            if not proc.alive:
+                return proc.exit_detail()
+            with contextlib.suppress(OSError, ValueError):
+                snap = await proc.status()
+                if _mode(snap) == "ALONE":
+                    return str(snap.get("reason") or "the mount went ALONE")
+        return None
+
+    # ------------------------------------------------------------------ secondary side
+
+    async def start_replicas(self) -> None:
+        if self.replicas:
+            return
+        for i, d in enumerate(self.dirs):
+            d.replica_state.mkdir(parents=True, exist_ok=True)
+            argv = hafs_command(
+                "fs", "replica", str(d.dir),
+                "--listen", _hostport(d.local),
+                "--key", str(self.key_file),
+                "--state-dir", str(d.replica_state),
+            )  # fmt: skip
+            proc = DataProcess(
+                "replica", argv, d.replica_state / "status.sock", self.log_dir / f"replica{i}.log"
+            )
+            proc.start()
+            self.replicas.append(proc)
+            await proc.wait_ready(lambda s: True)
+
+    async def stop_replicas(self) -> None:
+        for proc in self.replicas:
+            await proc.stop()
+        self.replicas = []
+
+    async def replicas_synced(self) -> bool | None:
+        """True once every replica has a live session whose resync completed; None when a
+        replica process died (the resync failed)."""
+        if not self.replicas:
+            return None
+        for proc in self.replicas:
+            if not proc.alive:
+                return None
+            try:
+                snap = await proc.status()
+            except (OSError, ValueError):
+                return False
+            if not snap.get("synced"):
+                return False
+        return True
+
+    async def stop_all(self) -> None:
+        await self.unmount()
+        await self.stop_replicas()

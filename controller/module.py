@@ -1,0 +1,565 @@
+"""One module running on this node: the thin shell around the pure state machine.
+
+Events (operator commands, heartbeats, script results, checker failures, the data path's
+reports) go through one queue; `statemachine.step` decides; this shell executes the actions
+in order and announces the new state in its heartbeats. Long activities (scripts, the
+witness question, waiting for a resync) run as tasks of the module's nursery and report back
+as events, so the queue never waits on them (style.md: decisions out of effect code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from controller import statemachine as sm
+from controller.checkers import Checker, poll_once
+from controller.checkers.interface import InterfaceChecker
+from controller.checkers.process import process_checkers
+from controller.config import ClusterConfig, ModuleConfig, UserScripts
+from controller.datapath import DataPath, DataPathError, Replicated
+from controller.heartbeat import Heartbeats, Network, PeerBeat
+from controller.modulelog import ModuleLog
+from controller.paths import Layout
+from controller.vip import VipError, VirtualIp, virtual_ips
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEART_PORT = 4800
+REPLICATION_PORT_OFFSET = 100  # directory i replicates on heart port + 100 + i
+WATCH_INTERVAL = 0.5  # how often the data path's own state is polled
+# After one of these failed, the rest of its transition (taking the VIP, starting the
+# application) must not happen; releasing actions go on even when one of them fails.
+ACQUIRING = (sm.Mount, sm.TakeVip, sm.StartReplica)
+LEVEL_LETTER = {sm.LogLevel.INFO: "I", sm.LogLevel.WARNING: "W", sm.LogLevel.ERROR: "E"}
+
+
+@dataclass
+class _Command:
+    """An operator command waiting for its transition."""
+
+    event: sm.Event
+    done: trio.Event
+    transition: sm.Transition | None = None
+
+
+class DurableStore:
+    """The module's persisted record (I7) and whether the operator wants it started."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "durable.json"
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> tuple[sm.Durable, bool]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return sm.Durable(), False
+        durable = sm.Durable(
+            copy=sm.Copy(data["copy"]), term=int(data["term"]), prim_term=int(data["prim_term"])
+        )
+        return durable, bool(data.get("started", False))
+
+    def save(self, durable: sm.Durable, started: bool) -> None:
+        record = {**asdict(durable), "copy": durable.copy.value, "started": started}
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def peer_info_to_wire(info: sm.PeerInfo) -> dict[str, Any]:
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(info).items()}
+
+
+def peer_info_from_wire(data: dict[str, Any]) -> sm.PeerInfo:
+    """Raise ValueError/KeyError/TypeError on a payload that is not a PeerInfo."""
+    return sm.PeerInfo(
+        name=str(data["name"]),
+        state=sm.State(data["state"]),
+        phase=sm.Phase(data["phase"]),
+        copy=sm.Copy(data["copy"]),
+        term=int(data["term"]),
+        prim_term=int(data["prim_term"]),
+        leaving=bool(data["leaving"]),
+        forced=bool(data["forced"]),
+        colour=sm.Colour(data["colour"]),
+    )
+
+
+class Module:
+    """A module's state machine, heartbeats, data path, VIP, scripts and checkers."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        cluster: ClusterConfig,
+        config: ModuleConfig,
+        node: str,
+        key: bytes,
+    ) -> None:
+        self.layout = layout
+        self.cluster = cluster
+        self.config = config
+        self.name = config.name
+        self.node = node
+        self.peer = cluster.peer(node)
+        self.modlog = ModuleLog(layout.module_log(self.name), node)
+        self.store = DurableStore(layout.module_state(self.name))
+        durable, self.started = self.store.load()
+        self.view = sm.NodeView(self._policy(), durable=durable)
+        self._send, self._receive = trio.open_memory_channel[sm.Event | _Command](1000)
+        self._scripts_send, self._scripts_receive = trio.open_memory_channel[sm.RunScript](100)
+        self._nursery: trio.Nursery | None = None
+        self._running_script: tuple[str, trio.CancelScope] | None = None
+        self._last_beat: float | None = None
+        heart_port = config.heart.port or DEFAULT_HEART_PORT
+        self.networks = self._networks()
+        self.heartbeats = Heartbeats(
+            key=key,
+            module=self.name,
+            node=node,
+            peer=self.peer,
+            networks=self.networks,
+            port=heart_port,
+            pulse=config.heart.pulse,
+            timeout=config.heart.timeout,
+            on_beat=self._on_beat,
+            on_lost=lambda: self.post(sm.PeerLost(announced=False)),
+            on_reject=lambda why: self.modlog.warning(f"heartbeat rejected: {why}"),
+        )
+        self.datapath = DataPath(
+            self._replicated(heart_port + REPLICATION_PORT_OFFSET),
+            layout.cluster_key,
+            layout.logs / self.name,
+            timeout=min(config.heart.timeout, 30.0),
+        )
+        self.vips = virtual_ips(config.vip) if config.vip is not None else []
+        self.checkers = _checkers(config, self.vips)
+
+    # ------------------------------------------------------------------ configuration
+
+    def _policy(self) -> sm.Policy:
+        s = self.config.service
+        return sm.Policy(
+            node=self.node,
+            peer=self.cluster.peer(self.node),
+            defaultprim=s.defaultprim,
+            failover=s.failover,
+            witness=self.config.check.splitbrain is not None,
+            maxloop=s.maxloop,
+            loop_interval=s.loop_interval,
+        )
+
+    def _networks(self) -> list[Network]:
+        nets = []
+        for hb in self.config.heart.heartbeats:
+            lan = self.cluster.lan(hb.name)
+            me, other = lan.node(self.node), lan.node(self.peer)
+            nets.append(Network(hb.name, str(me.local_addr), str(other.addr)))
+        return nets
+
+    def _replication_lan(self) -> Network:
+        flow = [hb.name for hb in self.config.heart.heartbeats if hb.carries_replication]
+        for net in self.networks:
+            if not flow or net.name == flow[0]:
+                return net
+        return self.networks[0]
+
+    def _replicated(self, base_port: int) -> list[Replicated]:
+        net = self._replication_lan()
+        rfs = self.config.rfs
+        dirs = rfs.replicated if rfs else ()
+        return [
+            Replicated(
+                dir=Path(d.dir),
+                state_dir=self.layout.module_state(self.name) / f"dir{i}",
+                local=(net.local_addr, base_port + i),
+                peer=(net.peer_addr, base_port + i),
+            )
+            for i, d in enumerate(dirs)
+        ]
+
+    # ------------------------------------------------------------------ events in
+
+    def post(self, event: sm.Event) -> None:
+        """Queue an event from any task (or a heartbeat callback)."""
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            log.error("%s: event queue full, dropping %s", self.name, event)
+
+    async def command(self, event: sm.Event) -> sm.Transition:
+        """Run an operator command through the queue and return its transition."""
+        cmd = _Command(event, trio.Event())
+        await self._send.send(cmd)
+        await cmd.done.wait()
+        assert cmd.transition is not None
+        return cmd.transition
+
+    def _on_beat(self, beat: PeerBeat) -> None:
+        try:
+            info = peer_info_from_wire(beat.payload)
+        except (KeyError, ValueError, TypeError) as e:
+            self.modlog.warning(f"heartbeat from {beat.node} rejected: bad state payload: {e}")
+            return
+        if info.name != self.peer:
+            self.modlog.warning(f"heartbeat names {info.name}, expected {self.peer}: ignored")
+            return
+        self._last_beat = time.monotonic()
+        self.post(sm.PeerSeen(info))
+        if beat.goodbye:
+            self.post(sm.PeerLost(announced=True))
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._warn_at_start()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.heartbeats.run)
+            nursery.start_soon(self._script_worker)
+            nursery.start_soon(self._watch_data_path)
+            for checker in self.checkers:
+                nursery.start_soon(self._run_checker, checker)
+            self._announce()
+            if self._boot_starts():
+                self.post(sm.Start())
+            task_status.started()
+            await self._event_loop()
+
+    def _warn_at_start(self) -> None:
+        v = self.view
+        self.modlog.info(
+            f"module {self.name} loaded on {self.node} (peer {self.peer}): copy {v.copy}, "
+            f"term {v.durable.term}"
+        )
+        if self.config.check.splitbrain is None:
+            self.modlog.warning(
+                "no <splitbrain> witness configured: if every heartbeat network fails, both "
+                "nodes go ALONE and one side's changes are lost when they meet again"
+            )
+
+    def _boot_starts(self) -> bool:
+        boot = self.config.service.boot
+        return boot == "on" or (boot == "ignore" and self.started)
+
+    async def _event_loop(self) -> None:
+        async for item in self._receive:
+            if isinstance(item, _Command):
+                item.transition = await self._apply(item.event)
+                item.done.set()
+            else:
+                await self._apply(item)
+
+    async def _apply(self, event: sm.Event) -> sm.Transition:
+        old = self.view
+        t = sm.step(old, event)
+        self.view = t.new_state
+        self._note_started(event, t)
+        for action in t.actions:
+            ok = await self._execute(action)
+            if not ok and isinstance(action, ACQUIRING):
+                break  # no VIP or application without the data: ActionFailed decides next
+        if t.new_state.state is not old.state or t.new_state.phase is not old.phase:
+            log.info("%s: %s/%s -> %s/%s: %s", self.name, old.state, old.phase,
+                     self.view.state, self.view.phase, t.reason)  # fmt: skip
+        self._announce()
+        if self._waiting_for_peer(old) and self._nursery is not None:
+            self._nursery.start_soon(self._peer_absent_after_timeout)
+        return t
+
+    def _waiting_for_peer(self, old: sm.NodeView) -> bool:
+        v = self.view
+        waiting = v.state is sm.State.WAIT and v.phase is sm.Phase.PEER
+        was = old.state is sm.State.WAIT and old.phase is sm.Phase.PEER
+        return waiting and not was
+
+    async def _peer_absent_after_timeout(self) -> None:
+        """A started node that hears no heartbeat within `timeout` learns the peer is absent
+        (the heartbeat layer only reports the loss of a peer it has heard)."""
+        await trio.sleep(self.config.heart.timeout)
+        v = self.view
+        if v.state is sm.State.WAIT and v.peer is None and not self.heartbeats.peer_alive:
+            self.post(sm.PeerLost(announced=False))
+
+    def _note_started(self, event: sm.Event, t: sm.Transition) -> None:
+        """Remember whether the operator wants the module running (boot="ignore")."""
+        if t.refused:
+            return
+        wanted = self.started
+        if isinstance(event, sm.Start | sm.Prim | sm.Second | sm.StopStart):
+            wanted = True
+        elif isinstance(event, sm.Stop):
+            wanted = False
+        if wanted != self.started:
+            self.started = wanted
+            self.store.save(self.view.durable, wanted)
+
+    def _announce(self) -> None:
+        self.heartbeats.announce(peer_info_to_wire(self.view.announce()))
+
+    # ------------------------------------------------------------------ actions out
+
+    async def _execute(self, action: sm.Action) -> bool:
+        """Carry out one action; False if it failed (and ActionFailed was queued)."""
+        if isinstance(action, sm.Log):
+            self.modlog.write(LEVEL_LETTER[action.level], action.message)
+            return True
+        if isinstance(action, sm.Persist):
+            self.store.save(action.durable, self.started)
+            return True
+        if isinstance(action, sm.RunScript):
+            self._queue_script(action)
+            return True
+        try:
+            await self._effect(action)
+        except (DataPathError, VipError, OSError, RuntimeError) as e:
+            name = type(action).__name__
+            self.modlog.error(f"action {name} failed: {e}")
+            self.post(sm.ActionFailed(name, str(e)))
+            return False
+        if not isinstance(action, sm.AskWitness | sm.StartResync):
+            self.modlog.info(f"action {_describe(action)}: done")
+        return True
+
+    async def _effect(self, action: sm.Action) -> None:
+        nursery = self._nursery
+        assert nursery is not None
+        match action:
+            case sm.TakeVip():
+                for vip in self.vips:
+                    await vip.take()
+                    await nursery.start(vip.announce)
+            case sm.ReleaseVip():
+                for vip in self.vips:
+                    await vip.release()
+            case sm.Mount(mode=mode):
+                await self.datapath.mount(alone=mode is sm.MountMode.ALONE)
+            case sm.SetMountMode(mode=sm.MountMode.ALONE):
+                await self.datapath.alone(f"{self.peer} lost")
+            case sm.SetMountMode(mode=sm.MountMode.MIRROR):
+                nursery.start_soon(self._mirror)
+            case sm.Unmount():
+                await self.datapath.unmount()
+            case sm.StartReplica():
+                await self.datapath.start_replicas()
+            case sm.StopReplica():
+                await self.datapath.stop_replicas()
+            case sm.StartResync(full=full):
+                self.modlog.info(f"resync from {self.peer} started ({'full' if full else 'delta'})")
+                nursery.start_soon(self._await_resync)
+            case sm.AskWitness():
+                nursery.start_soon(self._ask_witness)
+            case _:
+                raise RuntimeError(f"unknown action {action!r}")
+
+    async def _mirror(self) -> None:
+        """The primary's side of a SECOND joining: copy what differs, then mirror."""
+        started = time.monotonic()
+        try:
+            totals = await self.datapath.mirror()
+        except (DataPathError, OSError, ValueError) as e:
+            self.modlog.error(f"resync to {self.peer} failed: {e}")
+            self.post(sm.ReplicationLost(f"resync failed: {e}"))
+            return
+        self.modlog.info(
+            f"resync to {self.peer} done in {time.monotonic() - started:.1f} s: "
+            f"{totals['files_copied']} files, {totals['bytes_sent']} bytes copied; mirroring"
+        )
+
+    async def _await_resync(self) -> None:
+        """The SECOND's side: the copy is up to date once every replica says synced (it
+        must first be seen not synced, so an earlier session's state is not taken for it)."""
+        seen_unsynced = False
+        while self.view.phase is sm.Phase.RESYNCING:
+            synced = await self.datapath.replicas_synced()
+            if synced is None:
+                self.post(sm.ResyncFinished(False, time.monotonic(), "replica server died"))
+                return
+            if synced and seen_unsynced:
+                self.post(sm.ResyncFinished(True, time.monotonic()))
+                return
+            seen_unsynced = seen_unsynced or not synced
+            await trio.sleep(WATCH_INTERVAL)
+
+    async def _ask_witness(self) -> None:
+        from controller.checkers.witness import reachable
+
+        sb = self.config.check.splitbrain
+        witnesses = [str(w) for w in sb.witnesses] if sb else []
+        ok = await reachable(witnesses)
+        answer = "reachable" if ok else "unreachable"
+        self.modlog.info(f"splitbrain witness {' '.join(witnesses)}: {answer}")
+        self.post(sm.WitnessResult(ok))
+
+    async def _script_worker(self) -> None:
+        """Run scripts one at a time, in order. A stop script arriving while a start script
+        runs cancels it (start scripts have no time limit: a hung one must not block the
+        stop). Without `<user>`, SafeKit runs no scripts, and neither does hafs."""
+        from controller.scripts import ScriptContext, run_script
+
+        user = self.config.user
+        ctx = ScriptContext(self.layout, self.name, self.node, user or UserScripts())
+        async for script in self._scripts_receive:
+            if user is None:
+                self.post(sm.ScriptResult(script.script, True))
+                continue
+            with trio.CancelScope() as scope:
+                self._running_script = (script.script, scope)
+                outcome = await run_script(ctx, script.script, script.args)
+            self._running_script = None
+            ok = outcome.ok and not scope.cancelled_caught
+            self.post(sm.ScriptResult(script.script, ok))
+
+    def _queue_script(self, script: sm.RunScript) -> None:
+        running = self._running_script
+        stopping = script.script.startswith("stop")
+        if running is not None and stopping and running[0].startswith("start"):
+            self.modlog.warning(f"{running[0]} still running: cancelled for {script.script}")
+            running[1].cancel()
+        self._scripts_send.send_nowait(script)
+
+    async def _watch_data_path(self) -> None:
+        """Report a mount that went ALONE by itself (I5) or died."""
+        reported = False
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            v = self.view
+            if not v.state.primary or v.phase is not sm.Phase.READY or not self.datapath.mounts:
+                reported = False
+                continue
+            for proc in self.datapath.mounts:
+                if not proc.alive and not reported:
+                    reported = True
+                    self.post(sm.ActionFailed("mount", proc.exit_detail()))
+            if v.state is sm.State.PRIM and not reported:
+                why = await self.datapath.replication_lost()
+                if why is not None:
+                    reported = True
+                    self.post(sm.ReplicationLost(why))
+
+    async def _run_checker(self, watch: Watch) -> None:
+        """Poll one checker while the module is in the states its class covers; never
+        during a transition, when processes come and go (SafeKit switches errd off then)."""
+        while True:
+            await trio.sleep(watch.checker.interval)
+            if not watch.covers(self.view):
+                continue
+            result = await poll_once(watch.checker)
+            if result.ok or not watch.covers(self.view):
+                continue
+            self.modlog.warning(f"checker {watch.checker.name}: {result.detail}")
+            if watch.action == "stop":
+                self.post(sm.Stop())
+            elif watch.action in ("restart", "stopstart"):
+                action: Literal["restart", "stopstart"] = (
+                    "restart" if watch.action == "restart" else "stopstart"
+                )
+                self.post(sm.CheckerFailed(watch.checker.name, action, time.monotonic()))
+
+    # ------------------------------------------------------------------ shutdown and state
+
+    def stop_time_limit(self) -> float:
+        """How long a stop may take: both runs of stop_prim, poststop, and a margin."""
+        user = self.config.user or UserScripts()
+        return 2 * user.nicestoptimeout + user.forcestoptimeout + 30.0
+
+    async def shutdown(self) -> None:
+        """Stop the module (a failover when primary), then say goodbye to the peer."""
+        timeout = self.stop_time_limit()
+        if self.view.state is not sm.State.STOP:
+            started = self.started
+            await self.command(sm.Stop())
+            self.started = started  # a daemon stop is not an operator's stop: boot again
+            self.store.save(self.view.durable, started)
+            with trio.move_on_after(timeout):
+                while self.view.state is not sm.State.STOP:
+                    await trio.sleep(0.1)
+        await self.datapath.stop_all()
+        await self.heartbeats.goodbye()
+
+    def snapshot(self) -> dict[str, Any]:
+        v = self.view
+        peer = v.peer
+        return {
+            "module": self.name,
+            "node": self.node,
+            "state": v.state.value,
+            "colour": v.colour.value,
+            "phase": v.phase.value,
+            "why": v.why,
+            "copy": v.copy.value,
+            "uptodate": v.uptodate,
+            "code": v.state.code,
+            "peer": None
+            if peer is None
+            else {
+                "node": peer.name,
+                "state": peer.state.value,
+                "colour": peer.colour.value,
+                "phase": peer.phase.value,
+                "copy": peer.copy.value,
+            },
+            "peer_name": self.peer,
+            "heartbeats": self.heartbeats.alive_networks(),
+            "vip": [str(vip.addr) for vip in self.vips],
+        }
+
+
+def _describe(action: sm.Action) -> str:
+    fields = ", ".join(f"{k}={v}" for k, v in asdict(action).items())  # type: ignore[call-overload]
+    return f"{type(action).__name__}({fields})"
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A checker, what to do when it fails, and in which states it runs (SafeKit's class:
+    "prim" a running primary, "second" a running SECOND, "both" either)."""
+
+    checker: Checker
+    action: str
+    monitor_class: str = "prim"
+
+    def covers(self, view: sm.NodeView) -> bool:
+        if view.phase is not sm.Phase.READY:
+            return False
+        if self.monitor_class == "prim":
+            return view.state.primary
+        if self.monitor_class == "second":
+            return view.state is sm.State.SECOND
+        return view.state.primary or view.state is sm.State.SECOND
+
+
+def _checkers(config: ModuleConfig, vips: list[VirtualIp]) -> list[Watch]:
+    """errd's process checkers, and a link checker under each checked virtual IP."""
+    watches: list[Watch] = []
+    if config.errd is not None:
+        for checker in process_checkers(config.errd):
+            watches.append(Watch(checker, checker.proc.action, checker.proc.monitor_class))
+    if config.vip is not None:
+        for interface in config.vip.interfaces:
+            if not interface.check:
+                continue
+            names = {interface.name} if interface.name else set()
+            for vip in vips if interface.name is None else ():
+                with contextlib.suppress(VipError):  # take() will say why, with the context
+                    names.add(vip.placement()[0])
+            for name in sorted(names):
+                watches.append(Watch(InterfaceChecker(name), "stopstart"))
+    return watches
