@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -292,48 +289,30 @@ def module_install(
 ) -> None:
     """Install (or replace) a module from a directory (conf/userconfig.xml + bin/) or a .safe
     file (a zip of that directory); the running daemon loads it."""
-    from controller import config
+    from controller import modules
 
     layout = _layout()
-    with tempfile.TemporaryDirectory(prefix="hafs-module-") as tmp:
-        staged = Path(tmp) / name
-        _stage(source, staged)
-        cluster = config.load_cluster(layout.cluster_xml) if layout.cluster_xml.exists() else None
-        try:
-            config.load_module(staged, cluster, name=name)
-        except config.ConfigError as e:
-            _fail(f"module {name} not installed:\n{e}")
-        target = layout.module_dir(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(staged, target, symlinks=True)
-    for script in (target / "bin").iterdir():
-        if script.is_file() and not script.is_symlink():  # never chmod a link's target
-            script.chmod(script.stat().st_mode | 0o755)
+    try:
+        target = modules.install(layout, name, source)
+    except modules.ModuleError as e:
+        _fail(str(e))
     typer.echo(f"installed module {name} in {target}")
     if layout.control_socket.exists():
         reply = _ask("reload")
         typer.echo(reply.get("message", ""))
 
 
-def _stage(source: Path, staged: Path) -> None:
-    if source.is_dir():
-        shutil.copytree(source, staged, symlinks=True)
-        return
-    if not source.is_file() or not zipfile.is_zipfile(source):
-        _fail(f"{source}: neither a module directory nor a .safe (zip) file", 2)
-    with zipfile.ZipFile(source) as z:
-        for member in z.namelist():
-            parts = Path(member).parts
-            if member.startswith("/") or ".." in parts:
-                _fail(f"{source}: refusing the unsafe path {member!r}", 2)
-        z.extractall(staged)
-    inner = [p for p in staged.iterdir()]
-    if not (staged / "conf").is_dir() and len(inner) == 1 and inner[0].is_dir():
-        shutil.copytree(inner[0], staged.with_name(staged.name + ".x"))
-        shutil.rmtree(staged)
-        staged.with_name(staged.name + ".x").rename(staged)
+@module_app.command("apply")
+def module_apply(module: ModuleOpt) -> None:
+    """Push this node's installed module to the peer over the authenticated channel; the
+    peer's daemon installs and loads it (the same module on both nodes)."""
+    from controller import modules
+
+    node = _ask("ping")["node"]
+    try:
+        typer.echo(f"{module}: {modules.push(_layout(), module, node)}")
+    except (modules.ModuleError, OSError) as e:
+        _fail(str(e))
 
 
 @module_app.command("list")

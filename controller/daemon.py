@@ -22,6 +22,7 @@ from controller import control
 from controller import statemachine as sm
 from controller.config import ClusterConfig, ConfigError, load_cluster, load_module
 from controller.module import Module
+from controller.modules import PushServer, admin_port
 from controller.paths import Layout
 from hafs import protocol
 
@@ -67,6 +68,19 @@ class Daemon:
             raise DaemonError(f"node {self.node!r} is not in {self.cluster.source}")
         self.modules: dict[str, Module] = {}
         self._nursery: trio.Nursery | None = None
+        self._push: PushServer | None = None
+
+    def _start_push_server(self, token: trio.lowlevel.TrioToken) -> None:
+        """Accept `hafs module apply` from the peer on this node's lan addresses."""
+        port = admin_port(self.cluster)
+        addrs = [(str(lan.node(self.node).local_addr), port) for lan in self.cluster.lans]
+
+        def installed(name: str) -> str:
+            reply = trio.from_thread.run(self._reload, trio_token=token)
+            return str(reply["message"])
+
+        self._push = PushServer(self.layout, self.key, addrs, installed)
+        self._push.start()
 
     def load_modules(self) -> list[str]:
         """Load every installed module not loaded yet; return the problems found."""
@@ -101,12 +115,15 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(control.serve, self.layout.control_socket, self.handle)
+                self._start_push_server(trio.lowlevel.current_trio_token())
                 for module in self.modules.values():
                     await nursery.start(module.run)
                 await self._until_signal()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
+            if self._push is not None:
+                self._push.close()
             pidfile.unlink(missing_ok=True)
             self.layout.control_socket.unlink(missing_ok=True)
 

@@ -225,10 +225,15 @@ class DataPath:
 
     # ------------------------------------------------------------------ secondary side
 
-    async def start_replicas(self) -> None:
+    async def start_replicas(self, stale: bool) -> None:
+        """Serve the primary's stream. `stale`: this copy is not up to date (the state
+        machine's record): forget what an earlier replica session said about it, so only a
+        completed resync can mark it synchronised again."""
         if self.replicas:
             return
         for i, d in enumerate(self.dirs):
+            if stale:
+                shutil.rmtree(d.replica_state, ignore_errors=True)
             d.replica_state.mkdir(parents=True, exist_ok=True)
             argv = hafs_command(
                 "fs", "replica", str(d.dir),

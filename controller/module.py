@@ -358,7 +358,7 @@ class Module:
             case sm.Unmount():
                 await self.datapath.unmount()
             case sm.StartReplica():
-                await self.datapath.start_replicas()
+                await self.datapath.start_replicas(stale=not self.view.uptodate)
             case sm.StopReplica():
                 await self.datapath.stop_replicas()
             case sm.StartResync(full=full):

@@ -27,6 +27,7 @@ class _Timespec(ctypes.Structure):
 
 
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -59,3 +60,8 @@ def utimens_fd(fd: int, atime_ns: int, mtime_ns: int) -> None:
         _Timespec(*divmod(atime_ns, 1_000_000_000)), _Timespec(*divmod(mtime_ns, 1_000_000_000))
     )
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole file system holding fd (an fd opened for reading, not O_PATH)."""
+    _check(_libc.syncfs(fd))

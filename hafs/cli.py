@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -29,7 +29,9 @@ app.add_typer(config_app, name="config")
 KeyOpt = Annotated[Path, typer.Option("--key", help="cluster key file (hafs keygen)")]
 StateOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="state directory (default: $HAFS_ROOT/fs/<escaped DIR>)"),
+    typer.Option(
+        "--state-dir", help="state directory (default: $HAFS_ROOT/var/lib/hafs/fs/<escaped DIR>)"
+    ),
 ]
 DirArg = Annotated[Path, typer.Argument(help="the replicated directory")]
 
@@ -109,6 +111,13 @@ def fs_mount(
     peer: Annotated[str | None, typer.Option("--peer", help="HOST:PORT of the replica")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="cluster key file")] = None,
     standalone: Annotated[bool, typer.Option(help="no peer: the benchmark baseline")] = False,
+    alone: Annotated[
+        bool,
+        typer.Option(
+            help="start ALONE: journal every change, do not connect; the peer joins with "
+            "`hafs fs mirror`"
+        ),
+    ] = False,
     mountpoint: Annotated[Path | None, typer.Option(help="mount here instead of over DIR")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for an ack before ALONE")] = 5.0,
     xattrs: Annotated[
@@ -130,6 +139,8 @@ def fs_mount(
         _fail("give either --peer HOST:PORT with --key, or --standalone")
     if peer is not None and key is None:
         _fail("--peer needs --key")
+    if alone and peer is None:
+        _fail("--alone needs --peer: a standalone mount has no peer to be alone from")
     cfg = MountConfig(
         data_dir=data_dir,
         mountpoint=_directory(mountpoint) if mountpoint else data_dir,
@@ -138,6 +149,7 @@ def fs_mount(
         key=_key(key) if key else None,
         timeout=timeout,
         xattrs=xattrs,
+        alone=alone,
     )
     try:
         run_mount(cfg)
@@ -145,19 +157,65 @@ def fs_mount(
         _fail(f"mount: {e}", 1)
 
 
+def _status_sock(dir: Path | None, state_dir: Path | None) -> Path:
+    if state_dir is None:
+        if dir is None:
+            _fail("give DIR or --state-dir")
+        state_dir = default_state_dir(str(dir))
+    return state_dir / "status.sock"
+
+
 @fs_app.command("status")
 def fs_status(
     dir: Annotated[Path | None, typer.Argument()] = None, state_dir: StateOpt = None
 ) -> None:
     """Print the running mount's or replica's status as JSON."""
-    if state_dir is None:
-        if dir is None:
-            _fail("give DIR or --state-dir")
-        state_dir = default_state_dir(str(dir))
+    sock = _status_sock(dir, state_dir)
     try:
-        typer.echo(json.dumps(status.query(state_dir / "status.sock"), indent=2))
+        typer.echo(json.dumps(status.query(sock), indent=2))
     except (OSError, ValueError) as e:
-        _fail(f"no hafs process answers at {state_dir}: {e}", 1)
+        _fail(f"no hafs process answers at {sock.parent}: {e}", 1)
+
+
+def _command(sock: Path, request: dict[str, str], timeout: float | None) -> dict[str, Any]:
+    try:
+        return status.command(sock, request, timeout)
+    except (OSError, ValueError) as e:
+        _fail(f"no hafs mount answers at {sock.parent}: {e}", 1)
+
+
+@fs_app.command("mirror")
+def fs_mirror(
+    dir: Annotated[Path | None, typer.Argument()] = None,
+    state_dir: StateOpt = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="give up waiting after this many seconds")
+    ] = None,
+) -> None:
+    """Join the peer: make its replica identical to this tree, then mirror every change.
+
+    The mount must be ALONE. Mutating calls wait while the differences are copied."""
+    reply = _command(_status_sock(dir, state_dir), {"cmd": "mirror"}, timeout)
+    if not reply.get("ok"):
+        _fail(f"mirror failed: {reply.get('message')}", 1)
+    typer.echo(f"mirror: {reply.get('message')}")
+    counters = ("files_checked", "files_copied", "bytes_sent", "seconds")
+    typer.echo("resync: " + " ".join(f"{name}={reply.get(name)}" for name in counters))
+
+
+@fs_app.command("alone")
+def fs_alone(
+    dir: Annotated[Path | None, typer.Argument()] = None,
+    state_dir: StateOpt = None,
+    reason: Annotated[str, typer.Option(help="why, for the status and the log")] = (
+        "asked by the operator"
+    ),
+) -> None:
+    """Stop replicating now and journal every change (I5); idempotent."""
+    reply = _command(_status_sock(dir, state_dir), {"cmd": "alone", "reason": reason}, 30.0)
+    if not reply.get("ok"):
+        _fail(f"alone failed: {reply.get('message')}", 1)
+    typer.echo(f"alone: {reply.get('message')}")
 
 
 @fs_app.command("verify")
@@ -170,7 +228,7 @@ def fs_verify(
     """Compare this node's tree with the replica's; exit 0 if identical, 1 if not."""
     data_dir = _directory(dir)
     try:
-        remote = _fetch_manifest(_hostport(peer), _key(key), timeout)
+        remote = wire.fetch_manifest(_hostport(peer), _key(key), timeout)
     except (OSError, protocol.ProtocolError, manifest.ManifestError) as e:
         _fail(f"verify: cannot get the replica's manifest: {e}", 1)
     local = manifest.build_manifest(data_dir)
@@ -182,24 +240,6 @@ def fs_verify(
         typer.echo(line)
     typer.echo(f"{len(differences)} differences", err=True)
     raise typer.Exit(1)
-
-
-def _fetch_manifest(addr: tuple[str, int], key: bytes, timeout: float) -> dict[str, manifest.Entry]:
-    sock, keys = wire.connect(addr, key, protocol.Purpose.VERIFY, timeout)
-    with sock:
-        writer, reader = protocol.FrameWriter(keys.send), protocol.FrameReader(keys.recv)
-        sock.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST_REQ)))
-        chunks: list[bytes] = []
-        while True:
-            frames = wire.recv_frames(sock, reader)
-            if not frames:
-                raise protocol.ProtocolError("replica closed before the manifest ended")
-            for frame in frames:
-                if frame.ftype is not protocol.FrameType.MANIFEST:
-                    raise protocol.ProtocolError(f"unexpected {frame.ftype.name} frame")
-                if not frame.payload:
-                    return manifest.from_bytes(b"".join(chunks))
-                chunks.append(bytes(frame.payload))
 
 
 @config_app.command("check")

@@ -6,10 +6,10 @@ root fd one name at a time, so the mount works when it covers its own backing di
 The FUSE inode number is the backing st_ino (the root is ROOT_INODE): it is stable while
 we hold the O_PATH fd, and the replica keys its map by it.
 
-Each mutating handler follows one pattern: journal_if_alone (ALONE: durable note first),
-the local change, `send` without awaiting in between (so stream order = change order),
-then wait for the replica. A handler raises only FUSEError: anything else would end
-pyfuse3.main and leave the application with ENOTCONN.
+Each mutating handler follows one pattern: begin_change (wait while a resync copies the
+tree; ALONE: durable note first), the local change, `send` without awaiting in between (so
+stream order = change order), then wait for the replica. A handler raises only FUSEError:
+anything else would end pyfuse3.main and leave the application with ENOTCONN.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class HafsOperations(pyfuse3.Operations):
         node = self._node(inode)
         kind = "truncate" if fields.update_size else "meta"
         size = attr.st_size if fields.update_size else 0
-        self.rep.journal_if_alone(kind, inode, size)
+        await self.rep.begin_change(kind, inode, size)
         frames = self._apply_setattr(inode, node, attr, fields, fh)
         st = os.fstat(node.fd)
         frames.append(OpFrame(Op.TIMES, times=(self._times(inode, st),)))
@@ -307,7 +307,7 @@ class HafsOperations(pyfuse3.Operations):
         make: Callable[[int], None],
     ) -> pyfuse3.EntryAttributes:
         """Shared shape of mkdir, mknod and symlink: make, remember, send, wait."""
-        self.rep.journal_if_alone("entry", parent)
+        await self.rep.begin_change("entry", parent)
         make(self._node(parent).fd)
         ino, st = self._created(parent, name)
         frame = frame_of(ino, st)
@@ -379,7 +379,7 @@ class HafsOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self.rep.journal_if_alone("entry", new_parent_inode)
+        await self.rep.begin_change("entry", new_parent_inode)
         os.link(
             self._proc(inode),
             new_name,
@@ -400,7 +400,7 @@ class HafsOperations(pyfuse3.Operations):
 
     async def _remove(self, op: Op, parent: int, name: bytes) -> None:
         dir_fd = self._node(parent).fd
-        self.rep.journal_if_alone("entry", parent)
+        await self.rep.begin_change("entry", parent)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if op is Op.RMDIR:
             os.rmdir(name, dir_fd=dir_fd)
@@ -431,8 +431,8 @@ class HafsOperations(pyfuse3.Operations):
         ctx: Any,
     ) -> None:
         old_fd, new_fd = self._node(parent_inode_old).fd, self._node(parent_inode_new).fd
-        self.rep.journal_if_alone("entry", parent_inode_old)
-        self.rep.journal_if_alone("entry", parent_inode_new)
+        await self.rep.begin_change("entry", parent_inode_old)
+        self.rep.journal_if_alone("entry", parent_inode_new)  # no await: still past the gate
         moved = self._ino(os.stat(name_old, dir_fd=old_fd, follow_symlinks=False).st_ino)
         try:
             other: int | None = self._ino(
@@ -489,7 +489,7 @@ class HafsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         fh = self._open_handle(inode, flags)
         if flags & os.O_TRUNC:
-            self.rep.journal_if_alone("truncate", inode, 0)
+            await self.rep.begin_change("truncate", inode, 0)
             os.ftruncate(self.handles[fh].fd, 0)
             frame = OpFrame(Op.TRUNCATE, (inode, 0), times=(self._times(inode),))
             await self.rep.applied(self.rep.send(frame, "truncate", inode, 0))
@@ -500,7 +500,7 @@ class HafsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         dir_fd = self._node(parent_inode).fd
-        self.rep.journal_if_alone("entry", parent_inode)
+        await self.rep.begin_change("entry", parent_inode)
         fd = os.open(
             name,
             os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -527,7 +527,7 @@ class HafsOperations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
-        self.rep.journal_if_alone("data", h.ino, off, len(buf))
+        await self.rep.begin_change("data", h.ino, off, len(buf))
         try:
             written = os.pwrite(h.fd, buf, off)
         except OSError:
@@ -604,7 +604,7 @@ class HafsOperations(pyfuse3.Operations):
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._check_xattrs()
-        self.rep.journal_if_alone("meta", inode)
+        await self.rep.begin_change("meta", inode)
         os.setxattr(self._proc(inode), name, value)
         frame = OpFrame(Op.SETXATTR, (inode, 0), (name, value), (self._times(inode),))
         await self.rep.applied(self.rep.send(frame, "meta", inode))
@@ -612,7 +612,7 @@ class HafsOperations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._check_xattrs()
-        self.rep.journal_if_alone("meta", inode)
+        await self.rep.begin_change("meta", inode)
         os.removexattr(self._proc(inode), name)
         frame = OpFrame(Op.REMOVEXATTR, (inode,), (name,), (self._times(inode),))
         await self.rep.applied(self.rep.send(frame, "meta", inode))

@@ -4,7 +4,7 @@ Kept outside the replicated directory (in the state directory), append-only, one
 record per line. A record is made durable *before* the local change it describes, so a
 crash can lose a journal line only for a change that never happened (I5). Data ranges are
 recorded per 1 MiB chunk and deduplicated, so a database rewriting the same pages pays one
-fdatasync per chunk, not one per write. The resync (issue 4) consumes it.
+fdatasync per chunk, not one per write. A completed resync clears it (hafs.resync).
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ class Journal:
         )
         os.write(self._fd, lines.encode())
         os.fdatasync(self._fd)
+
+    def clear(self) -> None:
+        """Forget every record, durably: a completed resync covered them all."""
+        os.ftruncate(self._fd, 0)
+        os.fdatasync(self._fd)
+        self._seen.clear()
+        self._records.clear()
 
     def records(self) -> list[JournalRecord]:
         return list(self._records)

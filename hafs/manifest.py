@@ -59,6 +59,9 @@ class Entry:
     target: str = ""
     xattrs: tuple[tuple[str, str], ...] = ()
     link_group: str = ""
+    # This node's inode number, for the resync to name entries the way the mount does.
+    # Never serialised nor compared: it means nothing on the other node.
+    ino: int = dataclasses.field(default=0, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------- building
@@ -176,6 +179,7 @@ def _entry(
         digest=digest,
         target=target,
         xattrs=xattrs,
+        ino=st.st_ino,
     )
 
 

@@ -10,10 +10,12 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
+from hafs import resync
 from hafs.fs import HafsOperations
 from hafs.journal import Journal
 from hafs.replica import ReplicaServer
@@ -33,6 +35,7 @@ class MountConfig:
     key: bytes | None
     timeout: float
     xattrs: bool = True
+    alone: bool = False  # start ALONE, as the controller's Mount(ALONE): no connect attempt
 
 
 def _prepare_process() -> None:
@@ -56,7 +59,8 @@ def run_mount(cfg: MountConfig) -> None:
     replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
-    _start_mode(replicator, state, journal)
+    _start_mode(replicator, state, journal, cfg.alone)
+    control = MountControl(replicator, operations)
     options = set(pyfuse3.default_options) | {"fsname=hafs", "subtype=hafs", "allow_other"}
     pyfuse3.init(operations, cfg.mountpoint, options)
     status = StatusServer(
@@ -68,11 +72,12 @@ def run_mount(cfg: MountConfig) -> None:
             **replicator.snapshot(),
             "requests": dict(operations.requests),
         },
+        control,
     )
     log.info("mounted %s over %s (%s)", cfg.mountpoint, cfg.data_dir, replicator.mode.value)
     try:
         status.start()
-        trio.run(_serve, replicator)
+        trio.run(_serve, replicator, control)
     finally:
         status.close()
         pyfuse3.close(unmount=True)
@@ -80,27 +85,75 @@ def run_mount(cfg: MountConfig) -> None:
         log.info("unmounted %s", cfg.mountpoint)
 
 
-def _start_mode(replicator: Replicator, state: StateStore, journal: Journal) -> None:
+def _start_mode(replicator: Replicator, state: StateStore, journal: Journal, alone: bool) -> None:
     """A mount that was ALONE, or crashed mid-stream, must not mirror before a resync."""
     if replicator.mode is Mode.STANDALONE:
         state.update(role="mount", mode=Mode.STANDALONE.value)
         return
-    if state.current.mode == Mode.ALONE.value:
-        replicator.mode = Mode.ALONE
-        replicator.reason = "was ALONE before this start: the peer needs a resync"
-    elif state.current.session_open:
-        replicator.mode = Mode.ALONE
+    before = state.current
+    if before.session_open:
+        # Crashed while mirroring or resyncing: writes may be on one side only.
         replicator.reason = "previous run ended uncleanly: in-flight writes need a resync"
         journal.record("unclean", "", 0)
-        state.update(mode=Mode.ALONE.value, session_open=False)
-    if replicator.mode is Mode.ALONE:
-        log.warning("starting ALONE: %s", replicator.reason)
+    elif before.mode == Mode.ALONE.value:
+        replicator.reason = "was ALONE before this start: the peer needs a resync"
+    elif alone:
+        replicator.reason = "started ALONE (--alone): the peer joins with a resync"
+    else:
+        return
+    replicator.mode = Mode.ALONE
+    switched = before.mode != Mode.ALONE.value
+    state.update(
+        role="mount",
+        mode=Mode.ALONE.value,
+        session_open=False,
+        generation=before.generation + int(switched),
+    )
+    log.warning("starting ALONE: %s", replicator.reason)
 
 
-async def _serve(replicator: Replicator) -> None:
+class MountControl:
+    """The commands a running mount takes on its status socket (hafs.status).
+
+    Called on the socket's threads; the work runs in the mount's trio loop.
+    """
+
+    def __init__(self, replicator: Replicator, operations: HafsOperations) -> None:
+        self.replicator = replicator
+        self.operations = operations
+        self.token: trio.lowlevel.TrioToken | None = None  # set once the loop runs
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.token is None:
+            return {"ok": False, "message": "the mount is still starting"}
+        try:
+            if request["cmd"] == "mirror":
+                report = trio.from_thread.run(
+                    resync.rejoin, self.replicator, self.operations, trio_token=self.token
+                )
+                return report.reply()
+            if request["cmd"] == "alone":
+                reason = str(request.get("reason") or "asked to go ALONE")
+                return trio.from_thread.run_sync(self._alone, reason, trio_token=self.token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            return {"ok": False, "message": "the mount is stopping"}
+        return {"ok": False, "message": f"unknown command {request['cmd']!r}"}
+
+    def _alone(self, reason: str) -> dict[str, Any]:
+        rep = self.replicator
+        if rep.mode is Mode.STANDALONE:
+            return {"ok": False, "message": "a standalone mount has no peer"}
+        if rep.mode is Mode.ALONE:
+            return {"ok": True, "message": f"already ALONE: {rep.reason}"}
+        rep.degrade(reason)  # also ends a running resync
+        return {"ok": True, "message": f"ALONE: {reason}"}
+
+
+async def _serve(replicator: Replicator, control: MountControl) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, replicator)
         await nursery.start(replicator.run)
+        control.token = trio.lowlevel.current_trio_token()
         await pyfuse3.main()
         # main returns after terminate(): every request answered, so drain the stream.
         with trio.move_on_after(replicator.timeout + 1):
@@ -108,10 +161,12 @@ async def _serve(replicator: Replicator) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, replicator: Replicator) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %s: draining and unmounting", signal.Signals(signum).name)
+            # Calls paused by a resync would hold pyfuse3.main: end it, ALONE.
+            replicator.abort_resync("the mount is stopping")
             pyfuse3.terminate()
             return
 

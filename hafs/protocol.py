@@ -48,6 +48,7 @@ class Purpose(IntEnum):
 
     MIRROR = 1  # the replication stream of a mount
     VERIFY = 2  # a manifest request
+    ADMIN = 3  # node to node: the daemons' admin channel (hafs module apply)
 
 
 class FrameType(IntEnum):
@@ -59,10 +60,16 @@ class FrameType(IntEnum):
     MANIFEST_REQ = 6
     MANIFEST = 7  # one chunk of a manifest; an empty chunk ends it
     HEARTBEAT = 8
+    # primary -> replica: everything before this frame makes the replica's copy identical
+    # to the primary's (RESYNC_BODY: 1 after a resync, 0 from a start in MIRROR)
+    RESYNC_DONE = 10
+    MODULE = 11  # admin: JSON header line + a zipped module, to install on the peer
+    MODULE_RESULT = 12  # admin: JSON {"ok", "message"}
 
 
 ACK_BODY = struct.Struct("!Q")
 FAILED_BODY = struct.Struct("!QI")
+RESYNC_BODY = struct.Struct("!B")
 
 
 def read_key(path: str) -> bytes:

@@ -14,11 +14,12 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from hafs import manifest, ops, wire
+from hafs import _libc, manifest, ops, wire
 from hafs import protocol as p
 from hafs.apply import Applier
 from hafs.state import StateStore
@@ -26,12 +27,16 @@ from hafs.state import StateStore
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+LINGER_TIMEOUT = 10.0  # after refusing an op, for the primary to read why and hang up
 MANIFEST_CHUNK = 4 << 20
 
 
 @dataclass
 class ReplicaStats:
     mode: str = "LISTENING"
+    # A session is live and its primary said this copy is identical to its own (RESYNC_DONE):
+    # the controller waits for this before it counts this node as a synchronised SECOND.
+    synced: bool = False
     sessions: int = 0
     applied: int = 0
     refused: int = 0
@@ -112,6 +117,7 @@ class ReplicaServer:
             finally:
                 self._mirror_sock = None
                 self.stats.mode = "LISTENING"
+                self.stats.synced = False
 
     def _send_manifest(self, conn: socket.socket, peer: str, keys: p.SessionKeys) -> None:
         reader, writer = p.FrameReader(keys.recv), p.FrameWriter(keys.send)
@@ -146,10 +152,16 @@ class MirrorSession:
         self.applier = Applier(server.root_fd)
         self.syncs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self.failed = False
+        self.was_uptodate = server.state.current.uptodate
+        # A refusal and a completed RESYNC_DONE sync may race (different threads): the
+        # refusal must win, whatever the order.
+        self.verdict_lock = threading.Lock()
 
     def run(self) -> None:
         state = self.server.state
-        state.update(role="replica", session_open=True)
+        # Until this session's RESYNC_DONE, the copy may be anything between the old one
+        # and the primary's: a crash in between must not leave it claiming to be up to date.
+        state.update(role="replica", session_open=True, uptodate=False)
         clean = False
         try:
             clean = self._loop()
@@ -164,6 +176,17 @@ class MirrorSession:
         if clean:
             state.update(session_open=False)
             log.info("stream from %s ended cleanly", self.peer)
+        elif self.failed:
+            self._linger()
+
+    def _linger(self) -> None:
+        """After FAILED: drop what the primary still sends until it hangs up. Closing with
+        its frames unread would reset the connection, and it might never read why."""
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_WR)
+            self.conn.settimeout(LINGER_TIMEOUT)
+            while self.conn.recv_into(self.reader.scratch):
+                pass
 
     def _loop(self) -> bool:
         while True:
@@ -176,6 +199,10 @@ class MirrorSession:
                 if frame.ftype is p.FrameType.BYE:
                     self._send(p.FrameType.ACK, p.ACK_BODY.pack(frame.seq))
                     return True
+                if frame.ftype is p.FrameType.RESYNC_DONE:
+                    self._resync_done(frame)
+                    last = frame.seq
+                    continue
                 if frame.ftype is not p.FrameType.OP:
                     raise p.ProtocolError(f"unexpected {frame.ftype.name} frame in a stream")
                 if not self._apply(frame):
@@ -203,11 +230,51 @@ class MirrorSession:
         self.server.stats.applied += 1
         return True
 
+    def _resync_done(self, frame: p.Frame) -> None:
+        """The copy now equals the primary's: make it durable, then say so (I7).
+
+        The file system sync runs on a sync thread, as an FSYNC does, so the stream keeps
+        being applied and acknowledged meanwhile; SYNCED answers it.
+        """
+        try:
+            (copied,) = p.RESYNC_BODY.unpack(frame.payload)
+        except struct.error as e:
+            raise p.ProtocolError(f"malformed RESYNC_DONE: {e}") from e
+        if not copied and not self.was_uptodate:
+            # A mount that starts in MIRROR vouches only for having missed nothing since
+            # its last session; this copy was already behind before that.
+            log.warning("stream from %s: copy not up to date, it needs a resync", self.peer)
+            return
+        self.syncs.submit(self._sync_copy, frame.seq, bool(copied))
+
+    def _sync_copy(self, seq: int, copied: bool) -> None:
+        try:
+            fd = os.open(f"/proc/self/fd/{self.server.root_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _libc.syncfs(fd)  # the copy must survive a crash before uptodate says so
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._refuse(seq, e.errno or errno.EIO, f"syncfs failed: {e}")
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
+            return
+        with self.verdict_lock:
+            if self.failed:
+                return
+            self.server.state.update(uptodate=True)
+            self.server.stats.synced = True
+        log.info("stream from %s: copy %s", self.peer, "resynchronised" if copied else "in sync")
+        with contextlib.suppress(OSError):  # a broken stream is noticed by the main loop
+            self._send(p.FrameType.SYNCED, p.ACK_BODY.pack(seq))
+
     def _refuse(self, seq: int, err: int, why: str) -> None:
         """Tell the primary nothing from seq on was applied; this copy is now behind."""
         log.error("stream from %s, op %d: %s", self.peer, seq, why)
-        self.failed = True
-        self.server.state.update(uptodate=False)
+        with self.verdict_lock:
+            self.failed = True
+            self.server.stats.synced = False
+            self.server.state.update(uptodate=False)
         with contextlib.suppress(OSError):
             self._send(p.FrameType.FAILED, p.FAILED_BODY.pack(seq, err))
 

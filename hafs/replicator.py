@@ -5,6 +5,10 @@ Ordering (I2) comes from one FIFO outbox drained by one sender task: a handler a
 change locally and calls `send` without awaiting in between, so the stream order is the
 order in which the changes were made. Acknowledgement (I1) is cumulative: ACK n means
 every op up to n was applied; SYNCED n means the FSYNC op n is durable on the replica.
+
+A stream is one session; `run` owns them. The first is opened at start (unless the mount
+starts ALONE); later ones by a resync (hafs.resync), which goes ALONE -> RESYNC -> MIRROR.
+While a resync copies the tree, mutating calls wait at a gate (`begin_change`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ class Mode(StrEnum):
     CONNECTING = "CONNECTING"
     MIRROR = "MIRROR"
     ALONE = "ALONE"
+    RESYNC = "RESYNC"  # still ALONE for the application (journaled) while a resync runs
     STANDALONE = "STANDALONE"
+
+
+class ResyncInterrupted(Exception):
+    """The resync's stream ended (the peer failed, or the mount was told to go ALONE)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,11 @@ class Replicator:
         self._unacked_since: deque[tuple[int, float]] = deque()
         self._sync_started: dict[int, float] = {}
         self._tiebreak = itertools.count()
-        self._cancel = trio.CancelScope()
+        self._cancel = trio.CancelScope()  # the current session's
+        self._sessions: trio.Nursery | None = None
+        self._gate: trio.Event | None = None  # set while mutating calls must wait
+        self.resync_scope: trio.CancelScope | None = None  # the running resync's
+        self.resync_status: dict[str, object] = {}
         self.sent_ops = 0
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED
@@ -94,10 +107,29 @@ class Replicator:
     def mirroring(self) -> bool:
         return self.mode is Mode.MIRROR
 
+    async def begin_change(self, kind: str, ino: int, offset: int = 0, length: int = 0) -> None:
+        """Before a local change: wait while a resync copies the tree, then journal if ALONE.
+
+        The caller must make its change and `send` with no await after this returns.
+        """
+        while self._gate is not None:  # a loop: another resync may have closed it again
+            await self._gate.wait()
+        self.journal_if_alone(kind, ino, offset, length)
+
     def journal_if_alone(self, kind: str, ino: int, offset: int = 0, length: int = 0) -> None:
         """Before a local change: in ALONE mode, make the journal line durable first."""
-        if self.mode is Mode.ALONE:
+        if self.mode is Mode.ALONE or self.mode is Mode.RESYNC:
             self.journal.record(kind, self.path_of(ino), ino, offset, length)
+
+    def pause_changes(self) -> None:
+        """Make mutating calls wait in `begin_change` (reads go on)."""
+        if self._gate is None:
+            self._gate = trio.Event()
+
+    def resume_changes(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
 
     def send(
         self,
@@ -115,17 +147,35 @@ class Replicator:
         """
         if self.mode is not Mode.MIRROR or self._writer is None:
             return 0
-        bufs = self._writer.seal(p.FrameType.OP, *ops.encode(frame))
-        seq = self._writer.seq
-        now = trio.current_time()
-        self._unacked_since.append((seq, now))
-        if frame.op is ops.Op.FSYNC:
-            self._sync_started[seq] = now
-        self._transmit(bufs)
+        seq = self._send_op(frame)
         if kind:
             self._inflight.append(Change(seq, kind, ino, offset, length))
             self._inflight.extend(Change(seq, kind, other, 0, 0) for other in also)
+        return seq
+
+    def send_copy(self, frame: ops.OpFrame) -> int:
+        """Queue one op of a resync's copy; raises ResyncInterrupted once the stream ended.
+
+        Not journaled if in flight when the peer fails: the journal is kept until the copy
+        is acknowledged, and the next resync compares everything again.
+        """
+        if self.mode is not Mode.RESYNC or self._writer is None:
+            raise ResyncInterrupted(self.reason or f"mode is {self.mode.value}")
+        return self._send_op(frame)
+
+    def _send_op(self, frame: ops.OpFrame) -> int:
+        seq = self._send_frame(p.FrameType.OP, ops.encode(frame))
+        if frame.op is ops.Op.FSYNC:
+            self._sync_started[seq] = self._unacked_since[-1][1]
         self.sent_ops += 1
+        return seq
+
+    def _send_frame(self, ftype: p.FrameType, parts: list[bytes]) -> int:
+        assert self._writer is not None
+        bufs = self._writer.seal(ftype, *parts)
+        seq = self._writer.seq
+        self._unacked_since.append((seq, trio.current_time()))
+        self._transmit(bufs)
         return seq
 
     def _transmit(self, bufs: list[bytes]) -> None:
@@ -143,7 +193,9 @@ class Replicator:
 
     async def applied(self, seq: int) -> None:
         """Wait until the replica applied op seq (the watchdog bounds the wait)."""
-        if seq == 0 or seq <= self._acked or self.mode is not Mode.MIRROR:
+        if seq == 0 or seq <= self._acked:
+            return
+        if self.mode is not Mode.MIRROR and self.mode is not Mode.RESYNC:
             return
         event = trio.Event()
         heapq.heappush(self._ack_waiters, (seq, next(self._tiebreak), event))
@@ -181,9 +233,13 @@ class Replicator:
     # -- degrade -------------------------------------------------------------------------
 
     def degrade(self, reason: str) -> None:
-        """Stop replicating: journal what is in flight, persist ALONE, release waiters."""
-        if self.mode not in (Mode.MIRROR, Mode.CONNECTING):
+        """Stop replicating: journal what is in flight, persist ALONE, release waiters.
+
+        Also ends a running resync and opens its gate: the waiting calls go on ALONE.
+        """
+        if self.mode not in (Mode.MIRROR, Mode.CONNECTING, Mode.RESYNC):
             return
+        switched = self.mode is not Mode.RESYNC  # a resync's mode on disk is still ALONE
         self.mode = Mode.ALONE
         self.reason = reason
         log.error(
@@ -197,7 +253,12 @@ class Replicator:
                     change.kind, self.path_of(change.ino), change.ino, change.offset, change.length
                 )
         self._inflight.clear()
-        self.state.update(mode=Mode.ALONE.value, generation=self.state.current.generation + 1)
+        # Everything in flight is journaled now: a later start has nothing unknown to fear.
+        self.state.update(
+            mode=Mode.ALONE.value,
+            session_open=False,
+            generation=self.state.current.generation + int(switched),
+        )
         for _, _, event in self._ack_waiters:
             event.set()
         self._ack_waiters.clear()
@@ -211,63 +272,99 @@ class Replicator:
             self._raw.close()
             self._raw = None
         self._cancel.cancel()
+        if self.resync_scope is not None:
+            self.resync_scope.cancel()
+        self.resume_changes()
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-"
 
-    # -- the connection ------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, then run the sender and receiver until the stream ends or fails.
+        """Own the replication sessions until cancelled; open the first one if CONNECTING.
 
         Reports started once connected or ALONE: no file system request may be served while
         the mode is still CONNECTING, since its change would be neither sent nor journaled.
         """
-        if self.mode is not Mode.CONNECTING:
+        async with trio.open_nursery() as nursery:
+            self._sessions = nursery
+            if self.mode is Mode.CONNECTING:
+                await self._start_mirroring()
             task_status.started()
-            return
-        try:
-            with self._cancel:
-                await self._stream(task_status)
-        finally:
-            for sock in (self._raw, self._sock):
-                if sock is not None:
-                    sock.close()
-            self._raw = None
+            await trio.sleep_forever()
 
-    async def _stream(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _start_mirroring(self) -> None:
         try:
-            await self._connect()
+            await self.open_session()
         except (OSError, p.ProtocolError, trio.TooSlowError) as e:
             self.degrade(f"cannot reach the replica: {e}")
-            task_status.started()
             return
         self.mode = Mode.MIRROR
         self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
         log.info("mirroring to %s", self._peer_text())
-        task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender)
-                nursery.start_soon(self._watchdog)
-                nursery.start_soon(self._receiver)
-        except* (OSError, p.ProtocolError) as group:  # trio wraps task errors in a group
-            self.degrade(f"stream failed: {group.exceptions[0]}")
+        # This mount was MIRROR when it last stopped, cleanly: it missed nothing, so the
+        # replica may count itself synchronised (if it was up to date before).
+        self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(0)])
 
-    async def _connect(self) -> None:
+    async def open_session(self) -> None:
+        """Connect and authenticate to the replica, then run the stream's tasks."""
+        assert self._sessions is not None, "run() is not running"
+        sock, keys = await self._connect()
+        self._begin_session(sock, keys)
+        await self._sessions.start(self._session, sock)
+
+    def _begin_session(self, sock: trio.socket.SocketType, keys: p.SessionKeys) -> None:
+        """A new stream numbers its frames from 1: nothing of the last one carries over."""
+        self._sock = sock
+        self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+        self._writer = p.FrameWriter(keys.send)
+        self._reader = p.FrameReader(keys.recv)
+        self._acked = 0
+        self._sending = False
+        self._outbox = []
+        self._outbox_ready = trio.Event()
+        self._ack_waiters.clear()
+        self._sync_waiters.clear()
+        self._inflight.clear()
+        self._unacked_since.clear()
+        self._sync_started.clear()
+
+    async def _session(
+        self, sock: trio.socket.SocketType, task_status: trio.TaskStatus[None]
+    ) -> None:
+        raw = self._raw
+        self._cancel = trio.CancelScope()
+        try:
+            with self._cancel:
+                task_status.started()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._sender, sock)
+                        nursery.start_soon(self._watchdog)
+                        nursery.start_soon(self._receiver, sock)
+                except* (OSError, p.ProtocolError) as group:  # trio wraps task errors
+                    self.degrade(f"stream failed: {group.exceptions[0]}")
+        finally:
+            sock.close()
+            if raw is not None:
+                raw.close()
+            if self._raw is raw:
+                self._raw = None
+
+    async def _connect(self) -> tuple[trio.socket.SocketType, p.SessionKeys]:
         assert self.peer is not None and self.key is not None
         deadline = trio.current_time() + max(self.timeout, CONNECT_ATTEMPT_TIMEOUT)
         while True:
             try:
                 with trio.fail_after(CONNECT_ATTEMPT_TIMEOUT):
-                    await self._try_connect()
-                return
+                    return await self._try_connect()
             except (OSError, trio.TooSlowError):
                 if trio.current_time() > deadline:
                     raise
                 await trio.sleep(0.2)
 
-    async def _try_connect(self) -> None:
+    async def _try_connect(self) -> tuple[trio.socket.SocketType, p.SessionKeys]:
         assert self.peer is not None and self.key is not None
         sock = trio.socket.socket(socket.AF_INET6 if ":" in self.peer[0] else socket.AF_INET)
         try:
@@ -277,25 +374,20 @@ class Replicator:
             sock.close()
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._raw = socket.socket(fileno=os.dup(sock.fileno()))
-        self._writer = p.FrameWriter(keys.send)
-        self._reader = p.FrameReader(keys.recv)
+        return sock, keys
 
-    async def _sender(self) -> None:
-        assert self._sock is not None
+    async def _sender(self, sock: trio.socket.SocketType) -> None:
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = trio.Event()
             bufs, self._outbox = self._outbox, []
             self._sending = True
-            await _send_all(self._sock, bufs)
+            await _send_all(sock, bufs)
             self._sending = False
 
-    async def _receiver(self) -> None:
-        assert self._sock is not None
+    async def _receiver(self, sock: trio.socket.SocketType) -> None:
         while True:
-            data = await self._sock.recv(1 << 16)
+            data = await sock.recv(1 << 16)
             if not data:
                 raise p.ProtocolError("replica closed the connection")
             self._reader.feed(data)
@@ -333,13 +425,54 @@ class Replicator:
         """Clean end: send BYE and wait until the replica applied everything."""
         if self.mode is not Mode.MIRROR or self._writer is None:
             return
-        self._transmit(self._writer.seal(p.FrameType.BYE))
-        self._unacked_since.append((self._writer.seq, trio.current_time()))
-        await self.applied(self._writer.seq)
+        await self.applied(self._send_frame(p.FrameType.BYE, []))
         if self.mode is Mode.MIRROR:
             self.state.update(session_open=False)
             log.info("stream to %s drained and closed", self._peer_text())
         self._cancel.cancel()
+
+    # -- resync (driven by hafs.resync) ---------------------------------------------------
+
+    def start_resync(self) -> None:
+        """ALONE -> RESYNC: calls still journal; a resync is bringing the peer back."""
+        assert self.mode is Mode.ALONE, self.mode
+        self.mode = Mode.RESYNC
+        # A crash from here on leaves the peer's copy half-way: the next start says unclean.
+        self.state.update(session_open=True)
+
+    def finish_resync(self) -> int:
+        """The copy is queued: mark it complete and mirror every change from here on.
+
+        Called with no await since the last copy op, so no call can change the tree in
+        between. Returns the marker's seq; `confirm_mirror` waits for it.
+        """
+        if self.mode is not Mode.RESYNC or self._writer is None:
+            raise ResyncInterrupted(self.reason or f"mode is {self.mode.value}")
+        seq = self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(1)])
+        self.mode = Mode.MIRROR
+        self.reason = ""
+        self.resume_changes()
+        return seq
+
+    async def confirm_mirror(self, marker_seq: int) -> None:
+        """Once the replica made the copy durable, the journal is covered: clear it, persist.
+
+        Not under the watchdog: syncing a whole copy may well take longer than the
+        timeout. A replica that dies or hangs meanwhile is found by the acks of the calls
+        made meanwhile, or by the controller's heartbeats (its `alone` ends the wait).
+        """
+        await self.synced(marker_seq)
+        if self.mode is not Mode.MIRROR:
+            raise ResyncInterrupted(self.reason)
+        self.journal.clear()
+        self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
+        log.info("resync done: mirroring to %s", self._peer_text())
+
+    def abort_resync(self, reason: str) -> None:
+        """Back to ALONE (the journal untouched) with the reason; the gate opens."""
+        if self.mode is Mode.RESYNC:
+            self.degrade(f"resync failed: {reason}")
+        self.resume_changes()
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -352,6 +485,7 @@ class Replicator:
             "sync_rtt_us": round(self.sync_rtt * 1e6),
             "inflight": len(self._inflight),
             "journal": self.journal.paths(),
+            "resync": dict(self.resync_status),
         }
 
 

@@ -1,7 +1,8 @@
 """Per-directory persistent state of a mount or a replica (the up-to-date flag, I7).
 
 Each replicated directory gets a state directory of its own (default
-$HAFS_ROOT/fs/<escaped path>, HAFS_ROOT defaulting to /var/lib/hafs) holding state.json,
+$HAFS_ROOT/var/lib/hafs/fs/<escaped path>, HAFS_ROOT being the node's root, default /),
+holding state.json,
 the ALONE journal and the status socket, so two mounts or a mount and a replica on one
 machine never collide.
 """
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-DEFAULT_ROOT = "/var/lib/hafs"
+STATE_SUBDIR = "var/lib/hafs/fs"  # under the node's root, as controller.paths lays it out
 
 
 def default_state_dir(data_dir: str) -> Path:
-    root = os.environ.get("HAFS_ROOT", DEFAULT_ROOT)
+    root = os.environ.get("HAFS_ROOT") or "/"
     escaped = os.path.abspath(data_dir).strip("/").replace("-", "\\x2d").replace("/", "-")
-    return Path(root) / "fs" / (escaped or "root")
+    return Path(root) / STATE_SUBDIR / (escaped or "root")
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,9 @@ class NodeState:
 
     mode: MIRROR (every change reached the peer), ALONE (changes since are journaled, the
     peer is stale) or STANDALONE (no peer configured).
-    uptodate: this copy holds every acknowledged change (a replica that refused an op,
-    or whose stream broke mid-resync, is not).
+    uptodate: this copy holds every acknowledged change. A replica sets it false when a
+    session starts and true at the session's RESYNC_DONE (after a resync, or at once for a
+    mount that starts in MIRROR if it was true before); a refused op sets it false.
     session_open: a mirror session started and has not ended cleanly; found true at start,
     it means this process crashed and ops may have been in flight.
     """
@@ -47,6 +50,9 @@ class StateStore:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / "state.json"
         self.current = self._load()
+        # A replica updates from its apply thread and its fsync threads: one writer at a
+        # time, or two would share the temporary file.
+        self._lock = threading.Lock()
 
     def _load(self) -> NodeState:
         try:
@@ -60,7 +66,10 @@ class StateStore:
 
     def update(self, **changes: object) -> NodeState:
         """Persist durably (write, fsync, rename, fsync dir) before returning."""
-        new = replace(self.current, **changes)  # type: ignore[arg-type]
+        with self._lock:
+            return self._write(replace(self.current, **changes))  # type: ignore[arg-type]
+
+    def _write(self, new: NodeState) -> NodeState:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             json.dump(asdict(new), f)

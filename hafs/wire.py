@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from hafs import manifest
 from hafs import protocol as p
 
 
@@ -66,3 +67,29 @@ def recv_frames(sock: socket.socket, reader: p.FrameReader) -> list[p.Frame]:
         frames = reader.frames()
         if frames:
             return frames
+
+
+def fetch_manifest(
+    addr: tuple[str, int], key: bytes, timeout: float, build_timeout: float | None = None
+) -> dict[str, manifest.Entry]:
+    """Ask a replica server for the manifest of its copy (a VERIFY connection).
+
+    timeout bounds the connection and authentication; build_timeout (default: timeout) each
+    wait after that, the first of which lasts as long as the replica reads its whole tree.
+    """
+    sock, keys = connect(addr, key, p.Purpose.VERIFY, timeout)
+    with sock:
+        sock.settimeout(timeout if build_timeout is None else build_timeout)
+        writer, reader = p.FrameWriter(keys.send), p.FrameReader(keys.recv)
+        sock.sendall(b"".join(writer.seal(p.FrameType.MANIFEST_REQ)))
+        chunks: list[bytes] = []
+        while True:
+            frames = recv_frames(sock, reader)
+            if not frames:
+                raise p.ProtocolError("replica closed before the manifest ended")
+            for frame in frames:
+                if frame.ftype is not p.FrameType.MANIFEST:
+                    raise p.ProtocolError(f"unexpected {frame.ftype.name} frame")
+                if not frame.payload:
+                    return manifest.from_bytes(b"".join(chunks))
+                chunks.append(bytes(frame.payload))

@@ -8,9 +8,7 @@ also remove a FUSE mount the process left behind: a stale mount breaks every lat
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,6 +18,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hafs import status as hafs_status
+from hafs.mountinfo import (  # noqa: F401  (the tests' names for them)
+    force_unmount,
+    fuse_mounts_under,
+    is_mounted,
+    mounts,
+)
 
 HAFS_BIN = Path(sys.executable).parent / "hafs"
 STATUS_SOCK = "status.sock"
@@ -45,67 +51,20 @@ def status(state_dir: Path | str, timeout: float = 5.0) -> dict[str, Any]:
     """The JSON object served on STATE_DIR/status.sock; raises ClusterError on any failure."""
     path = Path(state_dir) / STATUS_SOCK
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        result = json.loads(b"".join(chunks))
+        return hafs_status.query(path, timeout)
     except (OSError, ValueError) as e:
         raise ClusterError(f"status {path}: {e}") from e
-    if not isinstance(result, dict):
-        raise ClusterError(f"status {path}: not a JSON object: {result!r}")
-    return result
 
 
-def _unescape_mountinfo(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
-
-
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) for every mount visible to this process."""
-    result = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            result.append((_unescape_mountinfo(left.split()[4]), right.split()[0]))
-    return result
-
-
-def _normal(path: Path | str) -> str:
-    # Resolve only the parent: stat()ing a dead FUSE mount point itself fails with ENOTCONN.
-    p = Path(os.path.abspath(path))
-    return str(p.parent.resolve() / p.name) if p.name else str(p)
-
-
-def is_mounted(path: Path | str) -> bool:
-    """True if PATH is a mount point (reads /proc/self/mountinfo, never touches PATH)."""
-    target = _normal(path)
-    return any(mp == target for mp, _ in mounts())
-
-
-def fuse_mounts_under(base: Path | str) -> list[str]:
-    """FUSE mount points at or below BASE, deepest first (the order to unmount them in)."""
-    root = _normal(base)
-    found = [
-        mp
-        for mp, fstype in mounts()
-        if fstype.startswith("fuse") and (mp == root or mp.startswith(root + "/"))
-    ]
-    return sorted(found, key=len, reverse=True)
-
-
-def force_unmount(path: Path | str) -> None:
-    """Remove a mount even if its daemon is dead or hung: fusermount3 -u -z, then umount -l."""
-    for cmd in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-        if not is_mounted(path):
-            return
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run([*cmd, str(path)], capture_output=True, timeout=10, check=False)
-    if is_mounted(path):
-        raise ClusterError(f"could not unmount {path}")
+def command(
+    state_dir: Path | str, request: dict[str, Any], timeout: float | None = 120.0
+) -> dict[str, Any]:
+    """Send one command ({"cmd": "mirror"} ...) to the process at STATE_DIR; its reply."""
+    path = Path(state_dir) / STATUS_SOCK
+    try:
+        return hafs_status.command(path, request, timeout)
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"command {path}: {e}") from e
 
 
 @dataclass(kw_only=True)
@@ -225,6 +184,7 @@ class MountProc(HafsProc):
     peer: str | None = None  # HOST:PORT; None means --standalone
     key: Path | None = None
     timeout: float | None = None
+    alone: bool = False  # --alone: start journaling, no connect until `hafs fs mirror`
     name: str = "mount"
 
     @property
@@ -243,6 +203,8 @@ class MountProc(HafsProc):
         args += ["--state-dir", str(self.state_dir)]
         if self.timeout is not None:
             args += ["--timeout", str(self.timeout)]
+        if self.alone:
+            args.append("--alone")
         return [str(self.hafs_bin), *args, *self.extra_args]
 
     def _is_ready(self) -> bool:
@@ -293,6 +255,7 @@ def mount(
     key: Path | None = None,
     mountpoint: Path | None = None,
     timeout: float | None = None,
+    alone: bool = False,
     hafs_bin: Path = HAFS_BIN,
     extra_args: Sequence[str] = (),
     ready_timeout: float = READY_TIMEOUT,
@@ -309,6 +272,7 @@ def mount(
         peer=peer,
         key=key,
         timeout=timeout,
+        alone=alone,
     )
     try:
         proc.start()

@@ -37,6 +37,20 @@ REPO = Path(__file__).resolve().parents[2]
 Completed = subprocess.CompletedProcess[str]
 
 
+# The node's PID 1: starts the daemon, passes SIGTERM on, and reaps every orphan (an
+# application that start_prim left in the background ends up its child), as init does on a
+# real server. It exits with the daemon.
+NODE_INIT = """
+import os, signal, subprocess, sys
+daemon = subprocess.Popen(sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: daemon.send_signal(signal.SIGTERM))
+while True:
+    pid, status = os.wait()
+    if pid == daemon.pid:
+        sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 class RigError(AssertionError):
     """The rig did not reach the state a test waited for."""
 
@@ -62,9 +76,10 @@ class RigNode:
         """Start the node's daemon in fresh PID and mount namespaces."""
         if self.daemon is not None and self.daemon.poll() is None:
             raise RigError(f"{self.name}: daemon already running")
+        daemon = [*HAFS, "daemon", "--node", self.name]
         inner = (
             f"mount --bind {shlex.quote(str(self.data))} {shlex.quote(str(self.shared))} && "
-            f"exec {shlex.join([*HAFS, 'daemon', '--node', self.name])}"
+            f"exec {shlex.join([sys.executable, '-c', NODE_INIT, *daemon])}"
         )
         argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
         argv += ["--mount-proc", "sh", "-c", inner]
@@ -78,7 +93,7 @@ class RigNode:
         return {**os.environ, "HAFS_ROOT": str(self.root), "PYTHONPATH": str(REPO)}
 
     def init_pid(self) -> int | None:
-        """PID (host view) of the node's PID 1: the daemon."""
+        """PID (host view) of the node's PID 1 (NODE_INIT, the daemon's parent)."""
         if self.daemon is None or self.daemon.poll() is not None:
             return None
         try:

@@ -99,9 +99,9 @@ def test_corrupt_state_refused_loudly(tmp_path: Path, content: str) -> None:
 
 def test_default_state_dir_escapes_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HAFS_ROOT", "/x")
-    assert default_state_dir("/srv/my-data") == Path("/x/fs/srv-my\\x2ddata")
-    assert default_state_dir("/srv/my/data") == Path("/x/fs/srv-my-data")
+    assert default_state_dir("/srv/my-data") == Path("/x/var/lib/hafs/fs/srv-my\\x2ddata")
+    assert default_state_dir("/srv/my/data") == Path("/x/var/lib/hafs/fs/srv-my-data")
     assert default_state_dir("/srv/my/data") != default_state_dir("/srv/my-data")
-    assert default_state_dir("/") == Path("/x/fs/root")
+    assert default_state_dir("/") == Path("/x/var/lib/hafs/fs/root")
     monkeypatch.delenv("HAFS_ROOT")
-    assert default_state_dir("/a") == Path(state_mod.DEFAULT_ROOT) / "fs" / "a"
+    assert default_state_dir("/a") == Path("/var/lib/hafs/fs/a")

@@ -1,0 +1,577 @@
+"""The resync: make the replica's copy identical to the primary's tree, then mirror (I6).
+
+First version (docs/datapath.md): the whole trees are compared through their manifests
+(hafs.manifest), and mutating calls wait while what differs is sent; reads go on. The steps:
+
+1. fetch the replica's manifest (a VERIFY connection; calls still go on, journaled);
+2. open a MIRROR session and pause mutating calls: from here the primary's tree is still;
+3. build the primary's manifest and `plan_resync`: what to remove, create, rewrite, fix;
+4. `TreeCopy` sends it with the ordinary ops, named by the primary's inode numbers as the
+   mount names them, so the replica's Applier (and its confinement, I4) does all the work;
+5. bind every inode the mount's node table knows, send RESYNC_DONE, switch to MIRROR and
+   let the calls go on; once the replica acknowledged RESYNC_DONE the journal is cleared.
+
+Any failure goes back to ALONE with the journal untouched and the calls released.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from hafs import manifest, wire
+from hafs import protocol as p
+from hafs.manifest import Entry
+from hafs.ops import ROOT_INO, FileTimes, Op, OpFrame
+from hafs.replicator import Mode, Replicator, ResyncInterrupted
+
+if TYPE_CHECKING:
+    from hafs.fs import HafsOperations, Node
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # one WRITE op: what a FUSE write is at most
+ZEROS = bytes(CHUNK)
+# Copy in flight before waiting for the replica's acks: enough to keep the link busy,
+# little enough that the outbox (memory) stays small.
+WINDOW_BYTES = 16 << 20
+WINDOW_OPS = 4096
+# A replica reads its whole tree before it answers a manifest request.
+MANIFEST_BUILD_TIMEOUT = 3600.0
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NODE_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
+_EXPECTED_FAILURES = (
+    OSError,
+    p.ProtocolError,
+    manifest.ManifestError,
+    ResyncInterrupted,
+    trio.TooSlowError,
+)
+
+
+@dataclass
+class ResyncReport:
+    """The reply to `mirror`: counters, and why it failed."""
+
+    ok: bool = False
+    message: str = ""
+    files_checked: int = 0  # entries of the primary's tree compared
+    files_copied: int = 0  # regular files whose content was sent
+    bytes_sent: int = 0  # content bytes sent
+    seconds: float = 0.0
+    removed: int = 0
+    created: int = 0
+    updated: int = 0  # entries kept whose metadata was set again
+    skipped: list[str] = field(default_factory=list)  # device nodes: no replica makes them
+
+    def reply(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ResyncPlan:
+    """What to do on the replica, path by path (paths relative to the root)."""
+
+    remove: tuple[str, ...]  # on the replica, children before their directory
+    create: frozenset[str]  # missing on the replica (or removed first)
+    rewrite: frozenset[str]  # regular files on both whose content differs
+    refresh: frozenset[str]  # entries on both whose metadata differs
+    touched_dirs: tuple[str, ...]  # directories whose times must be set last
+
+    def updates(self) -> list[str]:
+        """Paths to create, rewrite or refresh, parents before children."""
+        return sorted(self.create | self.rewrite | self.refresh, key=dfs_key)
+
+
+def plan_resync(local: dict[str, Entry], remote: dict[str, Entry]) -> ResyncPlan:
+    """Compare the primary's manifest (local) with the replica's."""
+    local_links, remote_links = _link_members(local), _link_members(remote)
+
+    def replaced(path: str) -> bool:
+        a, b = local[path], remote[path]
+        if a.kind != b.kind or a.target != b.target:
+            return True
+        # Names that share an inode on one side only cannot be fixed in place: writing
+        # one would change the other. Such files are made again, links and all.
+        same = local_links.get(path, {path}) == remote_links.get(path, {path})
+        return a.kind == "file" and not same
+
+    doomed = (remote.keys() - local.keys()) | {
+        path for path in local.keys() & remote.keys() if path != "." and replaced(path)
+    }
+    removed = {path for path in remote if _under(path, doomed)}
+    kept = remote.keys() - removed
+    both = local.keys() & kept
+    rewrite = frozenset(
+        path
+        for path in both
+        if local[path].kind == "file" and _content_differs(local[path], remote[path])
+    )
+    refresh = frozenset(
+        path for path in both - rewrite if _metadata_differs(local[path], remote[path])
+    )
+    create = frozenset(local.keys() - kept)
+    touched = {parent_of(path) for path in removed | create}
+    touched |= {path for path in create | refresh if local[path].kind == "dir"}
+    touched_dirs = [path for path in touched if path in local and local[path].kind == "dir"]
+    return ResyncPlan(
+        remove=tuple(sorted(removed, key=dfs_key, reverse=True)),
+        create=create,
+        rewrite=rewrite,
+        refresh=refresh,
+        touched_dirs=tuple(sorted(touched_dirs, key=dfs_key)),
+    )
+
+
+def dfs_key(path: str) -> tuple[str, ...]:
+    """Sort key putting every directory just before its own subtree (depth-first order)."""
+    return () if path == "." else tuple(path.split("/"))
+
+
+def parent_of(path: str) -> str:
+    head, sep, _ = path.rpartition("/")
+    return head if sep else "."
+
+
+def _name(path: str) -> bytes:
+    return os.fsencode(path.rpartition("/")[2])
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    """Whether path or one of its ancestors is in roots."""
+    while path != ".":
+        if path in roots:
+            return True
+        path = parent_of(path)
+    return False
+
+
+def _link_members(m: dict[str, Entry]) -> dict[str, set[str]]:
+    """For each hard-linked file, the names of its inode within the tree."""
+    groups: dict[str, set[str]] = {}
+    for path, entry in m.items():
+        if entry.link_group:
+            groups.setdefault(entry.link_group, set()).add(path)
+    return {path: groups[m[path].link_group] for path in m if m[path].link_group}
+
+
+def _content_differs(a: Entry, b: Entry) -> bool:
+    return a.size != b.size or a.digest != b.digest
+
+
+def _metadata_differs(a: Entry, b: Entry) -> bool:
+    return _metadata(a) != _metadata(b)
+
+
+def _metadata(e: Entry) -> tuple[object, ...]:
+    return (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
+
+
+# ---------------------------------------------------------------------------- the copy
+
+
+class _Binder:
+    """Keeps the replica's bindings of the directories on the path being worked on.
+
+    The replica resolves every op by inode, so a directory must be bound before an op
+    names it as a parent. Entries are visited in depth-first order, so only the current
+    path's directories need to be: the replica's open fds stay bounded by the depth.
+    Inodes in `keep` (the mount's node table) are never forgotten.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[OpFrame], int],
+        ino_of: Callable[[str], int],
+        keep: frozenset[int] = frozenset(),
+    ) -> None:
+        self.send = send
+        self.ino_of = ino_of
+        self.keep = keep
+        self.chain: list[tuple[str, int]] = [(".", ROOT_INO)]
+
+    def enter(self, path: str) -> int:
+        """Bind directory `path` and its ancestors; return its inode."""
+        while not _within(path, self.chain[-1][0]):
+            self._pop()
+        parts = dfs_key(path)
+        for depth in range(len(dfs_key(self.chain[-1][0])) + 1, len(parts) + 1):
+            sub = "/".join(parts[:depth])
+            ino = self.ino_of(sub)
+            self.send(OpFrame(Op.BIND, (ino, self.chain[-1][1]), (_name(sub),)))
+            self.chain.append((sub, ino))
+        return self.chain[-1][1]
+
+    def push(self, path: str, ino: int) -> None:
+        """A directory just made (so bound) under the current one."""
+        self.chain.append((path, ino))
+
+    def release(self) -> None:
+        while len(self.chain) > 1:
+            self._pop()
+
+    def _pop(self) -> None:
+        _, ino = self.chain.pop()
+        if ino not in self.keep:
+            self.send(OpFrame(Op.FORGET, (ino,)))
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return ancestor == "." or path == ancestor or path.startswith(ancestor + "/")
+
+
+class TreeCopy:
+    """Sends the ops that carry out a ResyncPlan over the resync's session."""
+
+    def __init__(
+        self,
+        rep: Replicator,
+        root_fd: int,
+        root_st_ino: int,
+        local: dict[str, Entry],
+        remote: dict[str, Entry],
+        report: ResyncReport,
+    ) -> None:
+        self.rep = rep
+        self.root_fd = root_fd
+        self.root_st_ino = root_st_ino
+        self.local = local
+        self.remote = remote
+        self.report = report
+        self._last_seq = 0
+        self._checkpoint = 0  # wait for this seq once a window is full
+        self._window_bytes = 0
+        self._window_ops = 0
+        self._linked: set[int] = set()  # made in this copy; later names of it are LINKs
+        self._written: set[int] = set()  # content sent (hard links share it)
+
+    def ino(self, entry: Entry) -> int:
+        """The mount's name for an entry: its st_ino, but ROOT_INO for the root."""
+        return ROOT_INO if entry.ino == self.root_st_ino else entry.ino
+
+    # -- sending, paced by the replica's acks -------------------------------------------
+
+    def send(self, frame: OpFrame) -> int:
+        self._last_seq = self.rep.send_copy(frame)
+        self._window_ops += 1
+        self._window_bytes += sum(len(blob) for blob in frame.blobs)
+        return self._last_seq
+
+    async def pace(self) -> None:
+        """Every half window, wait for the previous half: at most a window in flight."""
+        if self._window_bytes < WINDOW_BYTES // 2 and self._window_ops < WINDOW_OPS // 2:
+            return
+        await self.rep.applied(self._checkpoint)
+        await trio.lowlevel.checkpoint()  # reads go on while the copy runs
+        if self.rep.mode is not Mode.RESYNC:
+            raise ResyncInterrupted(self.rep.reason)
+        self._checkpoint, self._window_bytes, self._window_ops = self._last_seq, 0, 0
+        self.rep.resync_status.update(self.report.reply())  # progress, for the status
+
+    # -- the three passes -----------------------------------------------------------------
+
+    async def run(self, plan: ResyncPlan) -> None:
+        await self._remove(plan)
+        await self._update(plan)
+        await self._set_dir_times(plan.touched_dirs)
+
+    async def _remove(self, plan: ResyncPlan) -> None:
+        gone = set(plan.remove)
+        temporary = itertools.count(-1, -1)  # the primary's inodes are all positive
+        names: dict[str, int] = {}
+
+        def ino_of(path: str) -> int:
+            if path in gone:  # only on the replica: no inode of the primary's to use
+                return names.setdefault(path, next(temporary))
+            return self.ino(self.local[path])
+
+        binder = _Binder(self.send, ino_of)
+        for path in plan.remove:
+            parent = binder.enter(parent_of(path))
+            op = Op.RMDIR if self.remote[path].kind == "dir" else Op.UNLINK
+            self.send(OpFrame(op, (parent,), (_name(path),)))
+            self.report.removed += 1
+            await self.pace()
+        binder.release()
+
+    async def _update(self, plan: ResyncPlan) -> None:
+        binder = _Binder(self.send, lambda path: self.ino(self.local[path]))
+        for path in plan.updates():
+            if path in plan.create:
+                await self._create(binder, path)
+            else:
+                await self._fix(binder, path, path in plan.rewrite)
+            await self.pace()
+        binder.release()
+        for ino in self._linked:
+            self.send(OpFrame(Op.FORGET, (ino,)))
+
+    async def _set_dir_times(self, dirs: Iterable[str]) -> None:
+        """Last: making and removing names changed the directories' times on the replica."""
+        binder = _Binder(self.send, lambda path: self.ino(self.local[path]))
+        for path in dirs:
+            ino = binder.enter(path)
+            self.send(OpFrame(Op.TIMES, times=(self._times(ino, path),)))
+            await self.pace()
+        binder.release()
+
+    # -- one entry ------------------------------------------------------------------------
+
+    async def _create(self, binder: _Binder, path: str) -> None:
+        entry = self.local[path]
+        parent, name, ino = binder.enter(parent_of(path)), _name(path), self.ino(entry)
+        owner = (entry.uid, entry.gid)
+        if entry.kind == "file" and ino in self._linked:  # another name of a file just made
+            self.send(OpFrame(Op.LINK, (ino, parent), (name,)))
+            self.report.created += 1
+            self._finish(path, ino, entry)
+            return
+        if entry.kind == "dir":
+            self.send(OpFrame(Op.MKDIR, (parent, ino, stat.S_IFDIR | entry.mode, *owner), (name,)))
+            binder.push(path, ino)
+        elif entry.kind == "file":
+            self.send(OpFrame(Op.CREATE, (parent, ino, stat.S_IFREG | entry.mode, *owner), (name,)))
+            await self._copy_content(path, ino, entry.size, truncate=False)
+        elif entry.kind == "symlink":
+            target = os.fsencode(entry.target)
+            self.send(OpFrame(Op.SYMLINK, (parent, ino, *owner), (name, target)))
+        elif entry.kind in _NODE_TYPES:
+            mode = _NODE_TYPES[entry.kind] | entry.mode
+            self.send(OpFrame(Op.MKNOD, (parent, ino, mode, *owner, 0), (name,)))
+        else:
+            log.warning("resync: %s is a %s: not replicated", path, entry.kind)
+            self.report.skipped.append(path)
+            return
+        self.report.created += 1
+        self._set_xattrs(ino, entry, ())
+        self._finish(path, ino, entry)
+
+    async def _fix(self, binder: _Binder, path: str, rewrite: bool) -> None:
+        entry, old = self.local[path], self.remote[path]
+        if entry.kind == "dir":
+            self._set_metadata(binder.enter(path), entry, old)
+            self.report.updated += 1
+            return
+        ino = self.ino(entry)
+        self.send(OpFrame(Op.BIND, (ino, binder.enter(parent_of(path))), (_name(path),)))
+        if rewrite and ino not in self._written:
+            await self._copy_content(path, ino, entry.size, truncate=True)
+        elif not rewrite:
+            self.report.updated += 1
+        self._set_metadata(ino, entry, old)
+        self._finish(path, ino, entry)
+
+    def _finish(self, path: str, ino: int, entry: Entry) -> None:
+        """Times last (every op before changed them); then let the replica close it."""
+        if entry.kind == "dir":
+            return  # bound while its subtree is worked on; times in the last pass
+        self.send(OpFrame(Op.TIMES, times=(self._times(ino, path),)))
+        if entry.kind == "file" and entry.link_group:
+            self._linked.add(ino)  # kept bound: its other names are LINKs to it
+        else:
+            self.send(OpFrame(Op.FORGET, (ino,)))
+
+    async def _copy_content(self, path: str, ino: int, size: int, truncate: bool) -> None:
+        """Send the file's content; runs of zeros stay holes, as they are after a truncate."""
+        if truncate:
+            self.send(OpFrame(Op.TRUNCATE, (ino, 0)))
+        if size:
+            self.send(OpFrame(Op.TRUNCATE, (ino, size)))
+        fd = _open_for_copy(self.root_fd, path)
+        try:
+            offset = 0
+            while offset < size:
+                data = await trio.to_thread.run_sync(os.pread, fd, CHUNK, offset)
+                if not data:
+                    break
+                if data != ZEROS[: len(data)]:
+                    self.send(OpFrame(Op.WRITE, (ino, offset), (data,)))
+                    self.report.bytes_sent += len(data)
+                offset += len(data)
+                await self.pace()
+        finally:
+            os.close(fd)
+        self._written.add(ino)
+        self.report.files_copied += 1
+
+    def _set_metadata(self, ino: int, entry: Entry, old: Entry) -> None:
+        owner_changed = (entry.uid, entry.gid) != (old.uid, old.gid)
+        if owner_changed:
+            self.send(OpFrame(Op.CHOWN, (ino, entry.uid, entry.gid)))
+        # After a chown, which may have cleared the set-id bits.
+        if entry.kind != "symlink" and (owner_changed or entry.mode != old.mode):
+            self.send(OpFrame(Op.CHMOD, (ino, entry.mode)))
+        self._set_xattrs(ino, entry, old.xattrs)
+
+    def _set_xattrs(self, ino: int, entry: Entry, old: tuple[tuple[str, str], ...]) -> None:
+        before, after = dict(old), dict(entry.xattrs)
+        for name, value in after.items():
+            if before.get(name) != value:
+                blobs = (os.fsencode(name), bytes.fromhex(value))
+                self.send(OpFrame(Op.SETXATTR, (ino, 0), blobs))
+        for name in before.keys() - after.keys():
+            self.send(OpFrame(Op.REMOVEXATTR, (ino,), (os.fsencode(name),)))
+
+    def _times(self, ino: int, path: str) -> FileTimes:
+        st = os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)
+        return FileTimes(ino, st.st_atime_ns, st.st_mtime_ns)
+
+    # -- the mount's inodes ---------------------------------------------------------------
+
+    def bind_known(self, nodes: dict[int, Node]) -> None:
+        """Bind every inode the mount's node table knows, so later ops resolve on the replica.
+
+        No await: called in the same step as the switch to MIRROR, so the table cannot
+        change in between (lookups made before are in it, later ones send their BIND).
+        """
+        where: dict[int, str] = {}  # any of an inode's names will do: all exist now
+        for path, entry in self.local.items():
+            where.setdefault(self.ino(entry), path)
+        known = frozenset(nodes) - {ROOT_INO}
+        binder = _Binder(self.send, lambda path: self.ino(self.local[path]), keep=known)
+        for path in sorted((where[ino] for ino in known if ino in where), key=dfs_key):
+            entry = self.local[path]
+            if entry.kind == "dir":
+                binder.enter(path)
+            else:
+                parent = binder.enter(parent_of(path))
+                self.send(OpFrame(Op.BIND, (self.ino(entry), parent), (_name(path),)))
+        binder.release()
+        unnamed = [(ino, nodes[ino]) for ino in known if ino not in where]
+        for ino, node in unnamed:
+            self._stand_in(ino, node)
+        if unnamed:  # making and removing stand-ins changed the root's times
+            self.send(OpFrame(Op.TIMES, times=(self._times(ROOT_INO, "."),)))
+
+    def _stand_in(self, ino: int, node: Node) -> None:
+        """An inode the tree no longer names (unlinked, still open): make one on the replica
+        and unlink it, so that later ops on it apply there as they do here."""
+        st = os.fstat(node.fd)
+        if st.st_nlink > 0:
+            log.warning("resync: inode %d is outside the tree: not bound on the replica", ino)
+            return
+        name = f".hafs-unlinked-{ino}-{secrets.token_hex(4)}".encode()
+        kind, owner = stat.S_IFMT(st.st_mode), (st.st_uid, st.st_gid)
+        if kind == stat.S_IFDIR:
+            self.send(OpFrame(Op.MKDIR, (ROOT_INO, ino, st.st_mode, *owner), (name,)))
+            self.send(OpFrame(Op.RMDIR, (ROOT_INO,), (name,)))
+            return
+        if kind == stat.S_IFLNK:
+            target = os.readlink(b"", dir_fd=node.fd)
+            self.send(OpFrame(Op.SYMLINK, (ROOT_INO, ino, *owner), (name, target)))
+        elif kind == stat.S_IFREG:
+            # Its size but not its content: nothing can read it on the replica.
+            self.send(OpFrame(Op.CREATE, (ROOT_INO, ino, st.st_mode, *owner), (name,)))
+            self.send(OpFrame(Op.TRUNCATE, (ino, st.st_size)))
+        else:
+            self.send(OpFrame(Op.MKNOD, (ROOT_INO, ino, st.st_mode, *owner, 0), (name,)))
+        self.send(OpFrame(Op.UNLINK, (ROOT_INO,), (name,)))
+
+
+def _open_for_copy(root_fd: int, path: str) -> int:
+    try:
+        # O_NOATIME: a resync must not make every file look recently read.
+        return os.open(path, _FILE_FLAGS | os.O_NOATIME, dir_fd=root_fd)
+    except PermissionError:
+        return os.open(path, _FILE_FLAGS, dir_fd=root_fd)
+
+
+# ---------------------------------------------------------------------------- rejoin
+
+
+async def rejoin(rep: Replicator, mount: HafsOperations) -> ResyncReport:
+    """Bring the peer back: ALONE -> RESYNC -> MIRROR, or back to ALONE on failure."""
+    report = ResyncReport()
+    if rep.mode is not Mode.ALONE:
+        report.ok, report.message = _not_alone(rep.mode)
+        return report
+    started = trio.current_time()
+    rep.start_resync()
+    failure = ""
+    try:
+        # Cancelled by degrade(): the peer failed, or the mount was told to go ALONE.
+        with trio.CancelScope() as rep.resync_scope:
+            await _rejoin(rep, mount, report)
+    except _EXPECTED_FAILURES as e:
+        failure = str(e) or type(e).__name__
+    except Exception as e:  # a bug must not leave the calls paused or the mode RESYNC
+        log.exception("resync failed")
+        failure = f"internal error: {e!r}"
+    finally:
+        rep.resync_scope = None
+        if rep.mode is Mode.RESYNC:
+            rep.abort_resync(failure or "interrupted")
+        rep.resume_changes()
+    if failure and rep.mode is Mode.MIRROR:  # failed after the switch, confirming it
+        rep.degrade(f"resync failed: {failure}")
+    _conclude(rep, report, trio.current_time() - started)
+    return report
+
+
+async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport) -> None:
+    """The steps of the module docstring."""
+    assert rep.peer is not None and rep.key is not None
+    _progress(rep, report, "fetching the replica's manifest")
+    fetch = functools.partial(
+        wire.fetch_manifest, rep.peer, rep.key, max(rep.timeout, 2.0), MANIFEST_BUILD_TIMEOUT
+    )
+    remote = await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+    _progress(rep, report, "connecting")
+    await rep.open_session()
+    rep.pause_changes()
+    _progress(rep, report, "reading the primary's tree")
+    root_fd = mount.nodes[ROOT_INO].fd
+    local = await trio.to_thread.run_sync(manifest.build_manifest, root_fd, abandon_on_cancel=True)
+    report.files_checked = len(local)
+    plan = await trio.to_thread.run_sync(plan_resync, local, remote)  # reads go on
+    # From here the peer's copy is neither its old self nor ours until RESYNC_DONE is
+    # answered (which clears the journal): if this resync fails, only a whole comparison
+    # can tell what it holds.
+    rep.journal.record("unclean", "", 0)
+    copy = TreeCopy(rep, root_fd, mount.root_st_ino, local, remote, report)
+    _progress(rep, report, "copying")
+    await copy.run(plan)
+    copy.bind_known(mount.nodes)
+    marker = rep.finish_resync()
+    _progress(rep, report, "waiting for the replica")
+    await rep.confirm_mirror(marker)
+
+
+def _conclude(rep: Replicator, report: ResyncReport, seconds: float) -> None:
+    report.ok = rep.mode is Mode.MIRROR
+    report.seconds = round(seconds, 3)
+    if report.ok:
+        report.message = (
+            f"mirroring: {report.files_copied} files copied of {report.files_checked} "
+            f"entries checked, {report.removed} removed"
+        )
+    else:
+        report.message = rep.reason or "resync failed"
+    rep.resync_status = {"phase": "done" if report.ok else "failed", **report.reply()}
+
+
+def _progress(rep: Replicator, report: ResyncReport, phase: str) -> None:
+    log.info("resync: %s", phase)
+    rep.resync_status = {"phase": phase, **report.reply()}
+
+
+def _not_alone(mode: Mode) -> tuple[bool, str]:
+    if mode is Mode.MIRROR:
+        return True, "already mirroring"
+    if mode is Mode.STANDALONE:
+        return False, "a standalone mount has no peer to mirror to"
+    if mode is Mode.RESYNC:
+        return False, "a resync is already running"
+    return False, f"cannot resync while {mode.value}"

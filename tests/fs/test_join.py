@@ -1,0 +1,719 @@
+"""A peer joins a mount that is ALONE: `hafs fs mirror` resyncs it, then MIRROR (I6).
+
+Real replica processes and real FUSE mounts (tests/support/cluster.py). The mount starts
+`--alone` over a tree of files, directories, symlinks, hard links, FIFOs and xattrs; the
+replica serves an empty directory or a stale one; `hafs fs mirror` must make the replica's
+copy identical (`hafs fs verify`), keep every write made during and after it, and fail
+cleanly (ALONE, journal intact, calls released) when the peer cannot follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hafs import manifest, protocol, wire
+from tests.support import cluster
+
+TIMEOUT = 2.0  # the mount's --timeout
+RECORD = 4096
+UID, GID = 1234, 5678
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def record(i: int) -> bytes:
+    """4 KiB naming its own index, so a lost or misplaced write shows."""
+    head = struct.pack("<Q", i)
+    return (head + hashlib.sha256(head).digest() * (RECORD // 32))[:RECORD]
+
+
+def count_records(data: bytes, what: str) -> int:
+    assert len(data) % RECORD == 0, f"{what}: {len(data)} bytes is not whole records"
+    n = len(data) // RECORD
+    for i in range(n):
+        assert data[i * RECORD : (i + 1) * RECORD] == record(i), f"{what}: record {i} of {n}"
+    return n
+
+
+def write_file(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC | os.O_WRONLY) -> None:
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Counters:
+    files_checked: int
+    files_copied: int
+    bytes_sent: int
+    seconds: float
+
+
+@dataclass
+class Join:
+    """A mount's and a replica's paths and settings; the tests start the processes."""
+
+    primary_dir: Path
+    mountpoint: Path
+    replica_dir: Path
+    mount_state: Path
+    replica_state: Path
+    port: int
+    key: Path
+    hafs_bin: Path
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def replica(self) -> contextlib.AbstractContextManager[cluster.ReplicaProc]:
+        return cluster.replica(
+            self.replica_dir,
+            listen=self.peer,
+            key=self.key,
+            state_dir=self.replica_state,
+            hafs_bin=self.hafs_bin,
+        )
+
+    def mount(
+        self, alone: bool = True, timeout: float = TIMEOUT
+    ) -> contextlib.AbstractContextManager[cluster.MountProc]:
+        return cluster.mount(
+            self.primary_dir,
+            peer=self.peer,
+            key=self.key,
+            mountpoint=self.mountpoint,
+            state_dir=self.mount_state,
+            timeout=timeout,
+            alone=alone,
+            hafs_bin=self.hafs_bin,
+        )
+
+    def hafs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.hafs_bin), *args], capture_output=True, text=True, timeout=timeout
+        )
+
+    def mirror(self) -> Counters:
+        """`hafs fs mirror`, which must succeed; its counters."""
+        result = self.hafs("fs", "mirror", "--state-dir", str(self.mount_state))
+        assert result.returncode == 0, result.stderr + result.stdout
+        line = result.stdout.splitlines()[-1]
+        assert line.startswith("resync: "), result.stdout
+        fields = dict(pair.split("=") for pair in line.removeprefix("resync: ").split())
+        return Counters(
+            int(fields["files_checked"]),
+            int(fields["files_copied"]),
+            int(fields["bytes_sent"]),
+            float(fields["seconds"]),
+        )
+
+    def alone(self, reason: str) -> subprocess.CompletedProcess[str]:
+        args = ("fs", "alone", "--state-dir", str(self.mount_state), "--reason", reason)
+        return self.hafs(*args)
+
+    def assert_identical(self) -> None:
+        result = self.hafs("fs", "verify", str(self.primary_dir), "--peer", self.peer,
+                           "--key", str(self.key))  # fmt: skip
+        assert result.returncode == 0, f"not identical:\n{result.stdout}{result.stderr}"
+        assert result.stdout.startswith("identical:"), result.stdout
+
+
+@pytest.fixture
+def join(
+    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
+) -> Join:
+    # State dirs under tmp_path with short names: the socket path must fit in sun_path.
+    dirs = [data_tmp / "primary", data_tmp / "mnt", tmp_path / "ms", tmp_path / "rs"]
+    for d in dirs:
+        d.mkdir()
+    return Join(
+        primary_dir=dirs[0],
+        mountpoint=dirs[1],
+        replica_dir=replica_dir,
+        mount_state=dirs[2],
+        replica_state=dirs[3],
+        port=cluster.free_port(),
+        key=cluster_key,
+        hafs_bin=hafs_bin,
+    )
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
+    """Mount an 8 MiB tmpfs on a directory; always unmounted."""
+    mounted: list[Path] = []
+
+    def make(path: Path) -> Path:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+        assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
+
+
+def populate(root: Path) -> None:
+    """Every kind of entry and attribute the replica must reproduce."""
+    (root / "d1/d2/d3").mkdir(parents=True)
+    (root / "private").mkdir(mode=0o700)
+    (root / "sticky").mkdir()
+    (root / "sticky").chmod(0o1777)
+    write_file(root / "small", b"small file\n")
+    write_file(root / "empty", b"")
+    write_file(root / "big.bin", os.urandom(3 << 20))  # three WRITE chunks and a bit
+    with open(root / "sparse", "wb") as f:
+        f.truncate(5 << 20)
+        f.seek(2 << 20)
+        f.write(b"island in a hole")
+    write_file(root / "d1/d2/d3/deep", b"deep\n")
+    write_file(os.path.join(os.fsencode(root), b"caf\xe9"), b"not UTF-8\n")  # type: ignore[arg-type]
+    write_file(root / "setuid", b"#!/bin/sh\n")
+    os.chown(root / "setuid", UID, GID)
+    (root / "setuid").chmod(0o4755)
+    os.chown(root / "d1/d2", UID, GID)
+    os.link(root / "small", root / "d1/hard_small")  # a group across directories
+    write_file(root / "d1/d2/h1", b"linked twice\n")
+    os.link(root / "d1/d2/h1", root / "d1/d2/h2")
+    (root / "d1/rel").symlink_to("../small")
+    (root / "abs").symlink_to("/etc/hostname")
+    (root / "dangling").symlink_to("nowhere/at/all")
+    os.lchown(root / "dangling", UID, GID)
+    os.mkfifo(root / "pipe", 0o640)
+    os.setxattr(root / "small", "user.colour", b"blue")
+    os.setxattr(root / "big.bin", "user.binary", bytes(range(256)))
+    os.setxattr(root / "d1", "user.dir", b"yes")
+    for i in range(20):  # identical on a stale replica: must not be copied again
+        write_file(root / f"same{i:02}", os.urandom(64 << 10))
+    _set_times(root)
+
+
+def _set_times(root: Path) -> None:
+    """Distinct old times, directories last (making entries changes their mtime)."""
+    paths = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for i, path in enumerate([*paths, root]):
+        t = 1_600_000_000_000_000_000 + i * 1_000_000_123
+        os.utime(path, ns=(t, t), follow_symlinks=False)
+
+
+def stale_copy(primary: Path, replica: Path) -> None:
+    """The primary's tree, then changed in every way a stale replica can differ."""
+    # No hard links, no FIFOs: copytree refuses them.
+    shutil.copytree(
+        primary, replica, symlinks=True, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pipe")
+    )
+    os.mkfifo(replica / "pipe", 0o600)
+    write_file(replica / "small", b"SMALL FILE\n")  # same size, other content
+    write_file(replica / "big.bin", b"shorter")
+    (replica / "empty").unlink()
+    (replica / "empty/sub").mkdir(parents=True)  # a directory where a file should be
+    write_file(replica / "empty/sub/x", b"x")
+    shutil.rmtree(replica / "d1/d2")
+    write_file(replica / "d1/d2", b"a file where a tree should be")
+    for d in ("extra/a/b/c", "locked/inner"):
+        (replica / d).mkdir(parents=True)
+        write_file(replica / d / "f", b"only on the replica\n")
+    (replica / "locked").chmod(0)
+    os.link(replica / "same00", replica / "extra/link_to_same00")  # linked only here
+    (replica / "d1/rel").unlink()
+    (replica / "d1/rel").symlink_to("../big.bin")
+    (replica / "abs").unlink()
+    write_file(replica / "abs", b"a file where a symlink should be")
+    (replica / "d1").chmod(0o700)
+    os.chown(replica / "sticky", UID, GID)
+    os.setxattr(replica / "small", "user.colour", b"red")
+    os.setxattr(replica / "small", "user.extra", b"only here")
+    os.removexattr(replica / "d1", "user.dir")
+    os.utime(replica / "same01", ns=(1, 1))
+
+
+def replica_state(join: Join) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((join.replica_state / "state.json").read_text())
+    return state
+
+
+@dataclass
+class RecordWriter:
+    """A thread writing records 0, 1, 2... through the mount, an fsync every 8."""
+
+    path: Path
+    acked: int = 0
+    error: OSError | None = None
+    slowest: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> RecordWriter:
+        self.thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            self.error = e
+            return
+        try:
+            while not self.stop.is_set() and self.acked < 50_000:
+                start = time.monotonic()
+                if os.pwrite(fd, record(self.acked), self.acked * RECORD) != RECORD:
+                    raise OSError(errno.EIO, f"short write of record {self.acked}")
+                if self.acked % 8 == 7:
+                    os.fsync(fd)
+                self.slowest = max(self.slowest, time.monotonic() - start)
+                self.acked += 1
+        except OSError as e:
+            self.error = e
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+            assert not self.thread.is_alive(), "the writer is stuck in a call on the mount"
+
+
+# ------------------------------------------------------------------------------ joins
+
+
+def test_join_empty_replica_copies_the_tree_then_mirrors(join: Join) -> None:
+    populate(join.primary_dir)
+    mp = join.mountpoint
+    with join.replica() as rep, join.mount() as mnt:
+        status = mnt.status()
+        assert status["mode"] == "ALONE" and "--alone" in status["reason"], status
+        assert rep.status()["synced"] is False
+        assert rep.status()["sessions"] == 0, "an --alone mount connected"
+        # Inodes the mount knows before the join, used after it: an open file, a deep
+        # path, and a file unlinked while open.
+        deep_fd = os.open(mp / "d1/d2/d3/deep", os.O_RDWR)
+        orphan_fd = os.open(mp / "orphan", os.O_CREAT | os.O_RDWR, 0o600)
+        os.unlink(mp / "orphan")
+        write_file(mp / "made_alone", b"journaled\n")
+        assert "made_alone" in mnt.status()["journal"]
+        try:
+            counters = join.mirror()
+            status = mnt.status()
+            assert status["mode"] == "MIRROR" and status["journal"] == [], status
+            assert status["resync"]["phase"] == "done", status
+            # small, empty, big.bin, sparse, deep, café, setuid, h1, made_alone and the
+            # same* files: hard links count once.
+            assert counters.files_copied == 9 + 20, counters
+            # big.bin, the sparse file's one chunk with data, the same* files, a few bytes.
+            sent = (3 << 20) + (1 << 20) + 20 * (64 << 10)
+            assert sent < counters.bytes_sent < sent + 4096, f"holes sent? {counters}"
+            assert rep.status()["synced"] is True
+            assert replica_state(join)["uptodate"] is True
+            join.assert_identical()
+            assert join.mirror().files_copied == 0, "a second mirror while MIRROR copied"
+
+            os.pwrite(deep_fd, b"DEEP", 0)
+            os.fsync(deep_fd)
+            os.pwrite(orphan_fd, b"still writable", 0)  # must not break the stream
+            changes_after_join(mp)
+            assert mnt.status()["mode"] == "MIRROR", mnt.status()
+            join.assert_identical()
+        finally:
+            os.close(deep_fd)
+            os.close(orphan_fd)
+        assert mnt.status()["mode"] == "MIRROR", mnt.status()
+        assert (join.replica_dir / "d1/d2moved/d3/deep").read_bytes() == b"DEEP\n"
+    state = replica_state(join)
+    assert state["uptodate"] is True and state["session_open"] is False, state
+
+
+def test_join_with_the_mount_over_its_own_directory(join: Join) -> None:
+    """As the controller mounts: the resync reads the tree under the mount, not through it."""
+    populate(join.primary_dir)
+    with (
+        join.replica() as rep,
+        cluster.mount(
+            join.primary_dir,
+            peer=join.peer,
+            key=join.key,
+            state_dir=join.mount_state,
+            timeout=TIMEOUT,
+            alone=True,
+            hafs_bin=join.hafs_bin,
+        ) as mnt,
+    ):
+        write_file(join.primary_dir / "made_alone", b"through the mount\n")
+        assert join.mirror().files_copied == 9 + 20
+        changes_after_join(join.primary_dir)
+        join.assert_identical()
+        assert mnt.status()["mode"] == "MIRROR" and rep.status()["synced"] is True
+
+
+def changes_after_join(mp: Path) -> None:
+    """One call of each mutating kind, through the mount."""
+    write_file(mp / "after", b"written after the join\n")
+    os.rename(mp / "d1/d2", mp / "d1/d2moved")
+    (mp / "private").chmod(0o750)
+    os.setxattr(mp / "d1", "user.after", b"1")
+    os.removexattr(mp / "small", "user.colour")
+    os.link(mp / "after", mp / "private/after_link")
+    (mp / "newlink").symlink_to("after")
+    (mp / "same03").unlink()
+    os.truncate(mp / "big.bin", 1 << 20)
+    (mp / "newdir").mkdir()
+    (mp / "sticky").rmdir()
+    os.utime(mp / "same04", ns=(5, 5))
+
+
+def test_join_stale_replica_removes_extra_and_fixes_every_difference(join: Join) -> None:
+    populate(join.primary_dir)
+    stale_copy(join.primary_dir, join.replica_dir)
+    with join.replica() as rep, join.mount() as mnt:
+        counters = join.mirror()
+        join.assert_identical()
+        # Content sent for: d1/hard_small (small is linked to it: the replica had two
+        # inodes), big.bin, empty, deep and h1 (under d1/d2, a file on the replica; h2 is
+        # linked), same00 (linked to an extra name on the replica). The other same* files
+        # were there already.
+        assert counters.files_copied == 6, counters
+        assert rep.status()["synced"] is True
+        assert not (join.replica_dir / "locked").exists()
+        write_file(join.mountpoint / "d1/d2/after", b"after\n")
+        join.assert_identical()
+        assert mnt.status()["mode"] == "MIRROR"
+
+
+def test_writer_during_mirror_loses_nothing(join: Join) -> None:
+    """The pause covers the copy only: a writer running throughout sees no error, waits
+    no longer than the copy, and every record it wrote is on the replica after."""
+    for i in range(24):
+        write_file(join.primary_dir / f"bulk{i:02}", os.urandom(1 << 20))
+    with join.replica() as rep, join.mount() as mnt:
+        writer = RecordWriter(join.mountpoint / "stream.dat").start()
+        try:
+            wait_until(lambda: writer.acked >= 200 or writer.error is not None, 60, "records")
+            before = writer.acked
+            counters = join.mirror()
+            during = writer.acked - before
+            wait_until(lambda: writer.acked >= before + during + 300 or writer.error is not None,
+                       60, "records after the join")  # fmt: skip
+        finally:
+            writer.finish()
+        assert writer.error is None, f"the application saw {writer.error!r}"
+        assert during > 0, "no write completed while the mirror command ran"
+        assert writer.slowest < counters.seconds + TIMEOUT, (writer.slowest, counters)
+        assert counters.files_copied == 25, counters  # the bulk files and stream.dat
+        assert mnt.status()["mode"] == "MIRROR"
+        n = count_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
+        assert n == writer.acked
+        assert count_records((join.replica_dir / "stream.dat").read_bytes(), "replica") == n
+        join.assert_identical()
+        assert rep.status()["synced"] is True
+
+
+def test_alone_then_mirror_again_copies_only_what_changed(join: Join) -> None:
+    for i in range(30):
+        write_file(join.primary_dir / f"f{i:02}", os.urandom(256 << 10))
+    with join.replica() as rep, join.mount() as mnt:
+        assert join.mirror().files_copied == 30
+        result = join.alone("heartbeats lost")
+        assert result.returncode == 0, result.stderr
+        status = mnt.status()
+        assert status["mode"] == "ALONE" and status["reason"] == "heartbeats lost", status
+        assert join.alone("again").returncode == 0, "alone is not idempotent"
+        assert mnt.status()["reason"] == "heartbeats lost"
+        wait_until(lambda: rep.status()["synced"] is False, 10, "the replica to see the end")
+
+        write_file(join.mountpoint / "f03", b"changed while alone\n")
+        write_file(join.mountpoint / "f17", b"changed too\n")
+        write_file(join.mountpoint / "new", b"new while alone\n")
+        (join.mountpoint / "f20").unlink()
+        assert {"f03", "f17", "new"} <= set(mnt.status()["journal"])
+        assert not (join.replica_dir / "new").exists()
+
+        counters = join.mirror()
+        assert counters.files_copied == 3, counters
+        assert counters.files_checked == 31, counters  # 29 old + new + the root
+        assert mnt.status()["journal"] == []
+        assert rep.status()["synced"] is True
+        join.assert_identical()
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_mirror_to_a_dead_peer_fails_and_stays_alone(join: Join) -> None:
+    """Nothing listens: mirror fails at once, the mount stays ALONE with the reason and
+    its journal, keeps serving writes; once a replica runs, mirror succeeds."""
+    populate(join.primary_dir)
+    with join.mount() as mnt:
+        write_file(join.mountpoint / "before", b"alone\n")
+        start = time.monotonic()
+        result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
+        seconds = time.monotonic() - start
+        assert result.returncode == 1, result
+        assert "mirror failed" in result.stderr and "refused" in result.stderr, result.stderr
+        assert seconds < 10 + TIMEOUT, seconds
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert status["reason"].startswith("resync failed"), status
+        start = time.monotonic()
+        write_file(join.mountpoint / "after", b"still alone\n")
+        assert time.monotonic() - start < TIMEOUT
+        assert {"before", "after"} <= set(mnt.status()["journal"])
+        assert json.loads((join.mount_state / "state.json").read_text())["mode"] == "ALONE"
+
+        with join.replica() as rep:
+            join.mirror()
+            join.assert_identical()
+            assert rep.status()["synced"] is True
+
+
+def test_replica_failing_mid_copy_releases_paused_writers(
+    join: Join, small_tmpfs: Callable[[Path], Path]
+) -> None:
+    """The replica's disk fills during the copy: mirror fails, the paused writer goes on
+    ALONE without error, its file is journaled, and the replica says it is not synced."""
+    small_tmpfs(join.replica_dir)
+    for i in range(4):
+        write_file(join.primary_dir / f"bulk{i}", os.urandom(4 << 20))  # 16 MiB > 8 MiB
+    with join.replica() as rep, join.mount() as mnt:
+        writer = RecordWriter(join.mountpoint / "stream.dat").start()
+        try:
+            wait_until(lambda: writer.acked >= 100 or writer.error is not None, 60, "records")
+            result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
+            at_failure = writer.acked
+            wait_until(lambda: writer.acked >= at_failure + 100 or writer.error is not None,
+                       30, "records after the failed mirror")  # fmt: skip
+        finally:
+            writer.finish()
+        assert result.returncode == 1, result
+        assert "No space left" in result.stderr, result.stderr
+        assert writer.error is None, f"the application saw {writer.error!r}"
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert "stream.dat" in status["journal"], status
+        assert status["resync"]["phase"] == "failed", status
+        assert rep.status()["synced"] is False
+        assert replica_state(join)["uptodate"] is False
+        n = count_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
+        assert n == writer.acked
+
+
+def test_commands_refused_where_they_make_no_sense(join: Join, tmp_path: Path) -> None:
+    """mirror/alone on a standalone mount, commands to a replica, bad requests; a client
+    that sends nothing (and never half-closes) still gets the status."""
+    standalone_state = tmp_path / "ss"
+    with join.replica() as rep, cluster.mount(
+        join.primary_dir, state_dir=standalone_state, mountpoint=join.mountpoint,
+        hafs_bin=join.hafs_bin,
+    ):  # fmt: skip
+        for cmd in ("mirror", "alone"):
+            result = join.hafs("fs", cmd, "--state-dir", str(standalone_state))
+            assert result.returncode == 1, result
+            assert "standalone" in result.stderr, result.stderr
+        reply = cluster.command(join.replica_state, {"cmd": "mirror"})
+        assert reply == {"ok": False, "message": "this process takes no commands"}
+        bad = cluster.command(standalone_state, {"cmd": "fly"})
+        assert bad["ok"] is False and "unknown command" in bad["message"], bad
+        assert cluster.command(standalone_state, {"cmd": "status"})["mode"] == "STANDALONE"
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(rep.state_dir / cluster.STATUS_SOCK))
+            assert json.loads(s.makefile("rb").readline())["role"] == "replica"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(standalone_state / cluster.STATUS_SOCK))
+            s.sendall(b"not json\n")
+            reply = json.loads(s.makefile("rb").readline())
+            assert reply["ok"] is False and "bad request" in reply["message"], reply
+    result = join.hafs("fs", "mount", str(join.primary_dir), "--standalone", "--alone")
+    assert result.returncode == 2 and "--alone needs --peer" in result.stderr, result
+
+
+class StuckReplica:
+    """A replica server that answers VERIFY with an empty tree and accepts the MIRROR
+    stream but never reads it: the copy stalls, mutating calls paused, until the mount's
+    watchdog, an `alone` command or a SIGTERM ends it."""
+
+    def __init__(self, port: int, key: Path, empty_dir: Path) -> None:
+        self.key = protocol.read_key(str(key))
+        self.manifest = manifest.to_bytes(manifest.build_manifest(str(empty_dir)))
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, name="stuck-replica", daemon=True)
+
+    def __enter__(self) -> StuckReplica:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() does not
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            keys, purpose = wire.server_handshake(conn, self.key)
+            if purpose is not protocol.Purpose.VERIFY:
+                self.held.append(conn)  # never read
+                continue
+            with conn:
+                writer = protocol.FrameWriter(keys.send)
+                wire.recv_frames(conn, protocol.FrameReader(keys.recv))
+                conn.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST, self.manifest)))
+                conn.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST)))
+
+
+@dataclass
+class StuckCopy:
+    """A mirror command under way against a StuckReplica, and one call paused by it."""
+
+    mirror: subprocess.Popen[str]
+    paused: threading.Thread
+    outcome: dict[str, Any]
+
+
+@contextlib.contextmanager
+def stuck_copy(join: Join, mnt: cluster.MountProc) -> Iterator[StuckCopy]:
+    mirror = subprocess.Popen(
+        [str(join.hafs_bin), "fs", "mirror", "--state-dir", str(join.mount_state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Opened now: a lookup in a directory where a paused call is making a name waits for
+    # that call (the kernel's directory lock), but reads of open files go on.
+    reader = os.open(join.mountpoint / "bulk0", os.O_RDONLY)
+    try:
+        wait_until(
+            lambda: mnt.status()["resync"].get("phase") == "copying", 20, "the copy to start"
+        )
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                # One request (its lookup goes first and is not paused): a stopping mount
+                # answers the requests under way, not the ones after.
+                (join.mountpoint / "paused").mkdir()
+                outcome["done"] = time.monotonic()
+            except OSError as e:
+                outcome["error"] = e
+
+        paused = threading.Thread(target=call, name="paused-call", daemon=True)
+        paused.start()
+        time.sleep(0.5)
+        assert paused.is_alive(), f"a mutating call went through during the copy: {outcome}"
+        assert len(os.pread(reader, 1 << 20, 0)) == 1 << 20, "reads must go on"
+        yield StuckCopy(mirror, paused, outcome)
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN once the mount stopped
+            os.close(reader)
+        if mirror.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                mirror.communicate(timeout=30)
+        if mirror.poll() is None:
+            mirror.kill()
+            mirror.wait()
+
+
+def bulk(root: Path, files: int = 8) -> None:
+    """More than the resync's window of 16 MiB in flight, so a stalled replica stalls it."""
+    for i in range(files):
+        write_file(root / f"bulk{i}", os.urandom(4 << 20))
+
+
+def test_stalled_replica_fails_the_mirror_within_the_timeout(join: Join) -> None:
+    bulk(join.primary_dir)
+    with StuckReplica(join.port, join.key, join.replica_dir), join.mount() as mnt:
+        start = time.monotonic()
+        result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
+        seconds = time.monotonic() - start
+        assert result.returncode == 1, result
+        assert "did not acknowledge" in result.stderr, result.stderr
+        assert seconds < 10 + 2 * TIMEOUT, seconds
+        assert mnt.status()["mode"] == "ALONE"
+        start = time.monotonic()
+        write_file(join.mountpoint / "after", b"alone again\n")
+        assert time.monotonic() - start < TIMEOUT
+        assert "after" in mnt.status()["journal"]
+
+
+def test_alone_during_a_stalled_copy_releases_the_paused_calls(join: Join) -> None:
+    """The controller's move when heartbeats stop mid-resync: `alone` ends the copy."""
+    bulk(join.primary_dir)
+    with (
+        StuckReplica(join.port, join.key, join.replica_dir),
+        join.mount(timeout=60) as mnt,
+        stuck_copy(join, mnt) as copy,
+    ):
+        asked = time.monotonic()
+        result = join.alone("heartbeats lost")
+        assert result.returncode == 0, result.stderr
+        copy.paused.join(10)
+        assert not copy.paused.is_alive() and "error" not in copy.outcome, copy.outcome
+        assert copy.outcome["done"] - asked < TIMEOUT
+        _, stderr = copy.mirror.communicate(timeout=30)
+        assert copy.mirror.returncode == 1 and "heartbeats lost" in stderr, stderr
+        status = mnt.status()
+        assert status["mode"] == "ALONE" and status["reason"] == "heartbeats lost", status
+        assert "." in status["journal"], status  # the directory where a name was made
+        assert (join.primary_dir / "paused").is_dir()
+
+
+def test_sigterm_during_a_stalled_copy_unmounts_cleanly(join: Join) -> None:
+    bulk(join.primary_dir)
+    with (
+        StuckReplica(join.port, join.key, join.replica_dir),
+        join.mount(timeout=60) as mnt,
+        stuck_copy(join, mnt) as copy,
+    ):
+        assert mnt.stop() == 0, mnt.log_tail()
+        copy.paused.join(10)
+        assert "error" not in copy.outcome, copy.outcome
+        _, stderr = copy.mirror.communicate(timeout=30)
+        assert copy.mirror.returncode == 1, stderr
+        assert not cluster.is_mounted(join.mountpoint)
+    state = json.loads((join.mount_state / "state.json").read_text())
+    assert state["mode"] == "ALONE" and state["session_open"] is False, state
+    assert (join.primary_dir / "paused").is_dir()
