@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +31,10 @@ import pytest
 
 from hafs import manifest
 from tests.support import cluster
+from tests.support.cluster import TIMEOUT, Pair, new_pair
 
 RECORD = 4096
 MAGIC = 0x68616673_7265636F  # "hafsreco"
-TIMEOUT = 2.0  # the mount's --timeout in these tests
 MARGIN = 1.5  # scheduling, journal fdatasync and state fsync on top of the timeout
 FAST_CALL = TIMEOUT / 2  # slower than this, a call waited for the peer
 DEAD_MOUNT_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}
@@ -189,85 +188,14 @@ class RecordWriter:
         return max((c.seconds for c in self.calls), default=0.0)
 
 
-@dataclass
-class Rig:
-    """Paths and settings of one replica + mount pair; the tests start the processes."""
-
-    primary_dir: Path
-    replica_dir: Path
-    mountpoint: Path
-    mount_state: Path
-    replica_state: Path
-    port: int
-    key: Path
-    hafs_bin: Path
-    timeout: float = TIMEOUT
-
-    @property
-    def peer(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def replica(self) -> contextlib.AbstractContextManager[cluster.ReplicaProc]:
-        return cluster.replica(
-            self.replica_dir,
-            listen=self.peer,
-            key=self.key,
-            state_dir=self.replica_state,
-            hafs_bin=self.hafs_bin,
-        )
-
-    def mount(self) -> contextlib.AbstractContextManager[cluster.MountProc]:
-        return cluster.mount(
-            self.primary_dir,
-            peer=self.peer,
-            key=self.key,
-            mountpoint=self.mountpoint,
-            state_dir=self.mount_state,
-            timeout=self.timeout,
-            hafs_bin=self.hafs_bin,
-        )
+Rig = Pair
 
 
 @pytest.fixture
 def rig(
     tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
 ) -> Rig:
-    # Data under data_tmp (see conftest); state dirs under tmp_path with short names: the
-    # status socket path must fit in sun_path (108 bytes).
-    dirs = [data_tmp / "primary", data_tmp / "mnt", tmp_path / "ms", tmp_path / "rs"]
-    for d in dirs:
-        d.mkdir()
-    return Rig(
-        primary_dir=dirs[0],
-        replica_dir=replica_dir,
-        mountpoint=dirs[1],
-        mount_state=dirs[2],
-        replica_state=dirs[3],
-        port=cluster.free_port(),
-        key=cluster_key,
-        hafs_bin=hafs_bin,
-    )
-
-
-@pytest.fixture
-def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
-    """Mount an 8 MiB tmpfs on a directory (mode 0755 like a fresh mkdir); always unmounted."""
-    mounted: list[Path] = []
-
-    def make(path: Path) -> Path:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
-        assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
+    return new_pair(Rig, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
 
 
 @contextlib.contextmanager

@@ -29,8 +29,8 @@ import pytest
 
 from hafs import manifest, protocol, wire
 from tests.support import cluster
+from tests.support.cluster import TIMEOUT, Pair, new_pair
 
-TIMEOUT = 2.0  # the mount's --timeout
 RECORD = 4096
 UID, GID = 1234, 5678
 
@@ -77,45 +77,8 @@ class Counters:
     seconds: float
 
 
-@dataclass
-class Join:
-    """A mount's and a replica's paths and settings; the tests start the processes."""
-
-    primary_dir: Path
-    mountpoint: Path
-    replica_dir: Path
-    mount_state: Path
-    replica_state: Path
-    port: int
-    key: Path
-    hafs_bin: Path
-
-    @property
-    def peer(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def replica(self) -> contextlib.AbstractContextManager[cluster.ReplicaProc]:
-        return cluster.replica(
-            self.replica_dir,
-            listen=self.peer,
-            key=self.key,
-            state_dir=self.replica_state,
-            hafs_bin=self.hafs_bin,
-        )
-
-    def mount(
-        self, alone: bool = True, timeout: float = TIMEOUT
-    ) -> contextlib.AbstractContextManager[cluster.MountProc]:
-        return cluster.mount(
-            self.primary_dir,
-            peer=self.peer,
-            key=self.key,
-            mountpoint=self.mountpoint,
-            state_dir=self.mount_state,
-            timeout=timeout,
-            alone=alone,
-            hafs_bin=self.hafs_bin,
-        )
+class Join(Pair):
+    """A pair whose tests drive `hafs fs mirror|alone|verify`."""
 
     def hafs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -151,41 +114,7 @@ class Join:
 def join(
     tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
 ) -> Join:
-    # State dirs under tmp_path with short names: the socket path must fit in sun_path.
-    dirs = [data_tmp / "primary", data_tmp / "mnt", tmp_path / "ms", tmp_path / "rs"]
-    for d in dirs:
-        d.mkdir()
-    return Join(
-        primary_dir=dirs[0],
-        mountpoint=dirs[1],
-        replica_dir=replica_dir,
-        mount_state=dirs[2],
-        replica_state=dirs[3],
-        port=cluster.free_port(),
-        key=cluster_key,
-        hafs_bin=hafs_bin,
-    )
-
-
-@pytest.fixture
-def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
-    """Mount an 8 MiB tmpfs on a directory; always unmounted."""
-    mounted: list[Path] = []
-
-    def make(path: Path) -> Path:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
-        assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
+    return new_pair(Join, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
 
 
 def populate(root: Path) -> None:
@@ -316,7 +245,7 @@ class RecordWriter:
 def test_join_empty_replica_copies_the_tree_then_mirrors(join: Join) -> None:
     populate(join.primary_dir)
     mp = join.mountpoint
-    with join.replica() as rep, join.mount() as mnt:
+    with join.replica() as rep, join.mount(alone=True) as mnt:
         status = mnt.status()
         assert status["mode"] == "ALONE" and "--alone" in status["reason"], status
         assert rep.status()["synced"] is False
@@ -400,7 +329,7 @@ def changes_after_join(mp: Path) -> None:
 def test_join_stale_replica_removes_extra_and_fixes_every_difference(join: Join) -> None:
     populate(join.primary_dir)
     stale_copy(join.primary_dir, join.replica_dir)
-    with join.replica() as rep, join.mount() as mnt:
+    with join.replica() as rep, join.mount(alone=True) as mnt:
         counters = join.mirror()
         join.assert_identical()
         # Content sent for: d1/hard_small (small is linked to it: the replica had two
@@ -420,7 +349,7 @@ def test_writer_during_mirror_loses_nothing(join: Join) -> None:
     no longer than the copy, and every record it wrote is on the replica after."""
     for i in range(24):
         write_file(join.primary_dir / f"bulk{i:02}", os.urandom(1 << 20))
-    with join.replica() as rep, join.mount() as mnt:
+    with join.replica() as rep, join.mount(alone=True) as mnt:
         writer = RecordWriter(join.mountpoint / "stream.dat").start()
         try:
             wait_until(lambda: writer.acked >= 200 or writer.error is not None, 60, "records")
@@ -446,7 +375,7 @@ def test_writer_during_mirror_loses_nothing(join: Join) -> None:
 def test_alone_then_mirror_again_copies_only_what_changed(join: Join) -> None:
     for i in range(30):
         write_file(join.primary_dir / f"f{i:02}", os.urandom(256 << 10))
-    with join.replica() as rep, join.mount() as mnt:
+    with join.replica() as rep, join.mount(alone=True) as mnt:
         assert join.mirror().files_copied == 30
         result = join.alone("heartbeats lost")
         assert result.returncode == 0, result.stderr
@@ -478,7 +407,7 @@ def test_mirror_to_a_dead_peer_fails_and_stays_alone(join: Join) -> None:
     """Nothing listens: mirror fails at once, the mount stays ALONE with the reason and
     its journal, keeps serving writes; once a replica runs, mirror succeeds."""
     populate(join.primary_dir)
-    with join.mount() as mnt:
+    with join.mount(alone=True) as mnt:
         write_file(join.mountpoint / "before", b"alone\n")
         start = time.monotonic()
         result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
@@ -509,7 +438,7 @@ def test_replica_failing_mid_copy_releases_paused_writers(
     small_tmpfs(join.replica_dir)
     for i in range(4):
         write_file(join.primary_dir / f"bulk{i}", os.urandom(4 << 20))  # 16 MiB > 8 MiB
-    with join.replica() as rep, join.mount() as mnt:
+    with join.replica() as rep, join.mount(alone=True) as mnt:
         writer = RecordWriter(join.mountpoint / "stream.dat").start()
         try:
             wait_until(lambda: writer.acked >= 100 or writer.error is not None, 60, "records")
@@ -665,7 +594,7 @@ def bulk(root: Path, files: int = 8) -> None:
 
 def test_stalled_replica_fails_the_mirror_within_the_timeout(join: Join) -> None:
     bulk(join.primary_dir)
-    with StuckReplica(join.port, join.key, join.replica_dir), join.mount() as mnt:
+    with StuckReplica(join.port, join.key, join.replica_dir), join.mount(alone=True) as mnt:
         start = time.monotonic()
         result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
         seconds = time.monotonic() - start
@@ -684,7 +613,7 @@ def test_alone_during_a_stalled_copy_releases_the_paused_calls(join: Join) -> No
     bulk(join.primary_dir)
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
-        join.mount(timeout=60) as mnt,
+        join.mount(alone=True, timeout=60) as mnt,
         stuck_copy(join, mnt) as copy,
     ):
         asked = time.monotonic()
@@ -705,7 +634,7 @@ def test_sigterm_during_a_stalled_copy_unmounts_cleanly(join: Join) -> None:
     bulk(join.primary_dir)
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
-        join.mount(timeout=60) as mnt,
+        join.mount(alone=True, timeout=60) as mnt,
         stuck_copy(join, mnt) as copy,
     ):
         assert mnt.stop() == 0, mnt.log_tail()

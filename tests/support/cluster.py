@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hafs import status as hafs_status
 from hafs.mountinfo import (  # noqa: F401  (the tests' names for them)
@@ -290,3 +290,71 @@ def keygen(path: Path, hafs_bin: Path = HAFS_BIN) -> Path:
     if result.returncode != 0:
         raise ClusterError(f"hafs keygen failed ({result.returncode}): {result.stderr}")
     return path
+
+
+TIMEOUT = 2.0  # the mount's --timeout in the failure and join tests
+
+
+@dataclass
+class Pair:
+    """Paths and settings of one replica + mount pair; the tests start the processes."""
+
+    primary_dir: Path
+    replica_dir: Path
+    mountpoint: Path
+    mount_state: Path
+    replica_state: Path
+    port: int
+    key: Path
+    hafs_bin: Path
+    timeout: float = TIMEOUT
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def replica(self) -> contextlib.AbstractContextManager[ReplicaProc]:
+        return replica(
+            self.replica_dir,
+            listen=self.peer,
+            key=self.key,
+            state_dir=self.replica_state,
+            hafs_bin=self.hafs_bin,
+        )
+
+    def mount(
+        self, alone: bool = False, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[MountProc]:
+        return mount(
+            self.primary_dir,
+            peer=self.peer,
+            key=self.key,
+            mountpoint=self.mountpoint,
+            state_dir=self.mount_state,
+            timeout=self.timeout if timeout is None else timeout,
+            alone=alone,
+            hafs_bin=self.hafs_bin,
+        )
+
+
+P = TypeVar("P", bound=Pair)
+
+
+def new_pair(
+    kind: type[P], tmp_path: Path, data_tmp: Path, hafs_bin: Path, key: Path, replica_dir: Path
+) -> P:
+    # Data under data_tmp (see tests/conftest.py); state dirs under tmp_path with short
+    # names: the status socket path must fit in sun_path (108 bytes).
+    dirs = [data_tmp / "primary", data_tmp / "mnt", tmp_path / "ms", tmp_path / "rs"]
+    for d in dirs:
+        d.mkdir()
+    return kind(
+        primary_dir=dirs[0],
+        replica_dir=replica_dir,
+        mountpoint=dirs[1],
+        mount_state=dirs[2],
+        replica_state=dirs[3],
+        port=free_port(),
+        key=key,
+        hafs_bin=hafs_bin,
+    )

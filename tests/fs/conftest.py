@@ -1,0 +1,32 @@
+"""Fixtures shared by the data path's tests: a small tmpfs to fill up."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import cluster
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
+    """Mount an 8 MiB tmpfs on a directory (mode 0755 like a fresh mkdir); always unmounted."""
+    mounted: list[Path] = []
+
+    def make(path: Path) -> Path:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+        assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
