@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,6 +90,9 @@ async def _answer(conn: trio.socket.SocketType, handle: Handler) -> None:
             reply = await handle(req)
         except (ValueError, trio.TooSlowError) as e:
             reply = {"ok": False, "message": f"bad request: {e}"}
+        except Exception as e:  # a failing command must not take the daemon down
+            logging.getLogger(__name__).exception("control request failed")
+            reply = {"ok": False, "message": f"internal error: {e}"}
         # A client that went away gets no reply; nothing else to do.
         with contextlib.suppress(OSError, trio.BrokenResourceError):
             await trio.SocketStream(conn).send_all(json.dumps(reply).encode() + b"\n")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 
 from hafs import status
@@ -82,6 +83,10 @@ class DataProcess:
         self.logfile = logfile
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pidfile(self) -> Path:
+        return self.status_sock.with_name("pid")
+
     def start(self) -> None:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -94,6 +99,8 @@ class DataProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        # For the next daemon, should this one die: it stops what was left (stop_orphan).
+        self.pidfile.write_text(f"{self.proc.pid}\n")
 
     @property
     def alive(self) -> bool:
@@ -135,6 +142,30 @@ class DataProcess:
                     os.killpg(proc.pid, signal.SIGKILL)
                 await trio.to_thread.run_sync(proc.wait)
         self.proc = None
+        self.pidfile.unlink(missing_ok=True)
+
+    async def stop_orphan(self) -> None:
+        """Stop the process an earlier daemon started here, if it still runs."""
+        try:
+            pid = int(self.pidfile.read_text())
+            orphan = psutil.Process(pid)
+            mine = "controller.cli" in orphan.cmdline() and self.role in orphan.cmdline()
+        except (FileNotFoundError, ValueError, psutil.Error):
+            mine = False
+        if mine:
+            log.warning("stopping %s pid %s left by an earlier daemon", self.role, pid)
+            with contextlib.suppress(psutil.Error):
+                orphan.terminate()
+                await trio.to_thread.run_sync(_wait_or_kill, orphan, STOP_TIMEOUT)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _wait_or_kill(process: psutil.Process, timeout: float) -> None:
+    try:
+        process.wait(timeout)
+    except psutil.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 class DataPath:
@@ -164,17 +195,18 @@ class DataPath:
             d.mount_state.mkdir(parents=True, exist_ok=True)
             if is_fuse_mounted(d.dir):  # left by a mount process that died with the node
                 await trio.to_thread.run_sync(force_unmount, d.dir)
-            proc = DataProcess(
-                "mount",
-                self._mount_argv(d, alone),
-                d.mount_state / "status.sock",
-                self.log_dir / f"mount{i}.log",
-            )
+            proc = self._mount_process(i, d, alone)
             proc.start()
             self.mounts.append(proc)
             await proc.wait_ready(lambda s: _mode(s) in ("MIRROR", "ALONE"))
             if not is_fuse_mounted(d.dir):
                 raise DataPathError(f"mount of {d.dir} reported ready but is not mounted")
+
+    def _mount_process(self, i: int, d: Replicated, alone: bool = True) -> DataProcess:
+        sock = d.mount_state / "status.sock"
+        return DataProcess(
+            "mount", self._mount_argv(d, alone), sock, self.log_dir / f"mount{i}.log"
+        )
 
     def _mount_argv(self, d: Replicated, alone: bool) -> list[str]:
         argv = hafs_command(
@@ -203,14 +235,31 @@ class DataPath:
         """Stop replicating and journal instead (I5)."""
         for proc in self.mounts:
             request = {"cmd": "alone", "reason": reason}
-            await trio.to_thread.run_sync(status.command, proc.status_sock, request, 10.0)
+            try:
+                reply = await trio.to_thread.run_sync(
+                    status.command, proc.status_sock, request, 10.0
+                )
+            except ValueError as e:  # closed without a reply: it died or failed
+                raise DataPathError(f"alone: {proc.exit_detail()}: {e}") from e
+            if not reply.get("ok"):
+                raise DataPathError(f"alone: {reply.get('message', 'refused')}")
 
     async def unmount(self) -> None:
-        for proc, d in zip(self.mounts, self.dirs, strict=False):
-            await proc.stop()
+        """Stop the mounts, this daemon's and any an earlier daemon left, and make sure
+        nothing stays mounted over the replicated directories."""
+        for i, d in enumerate(self.dirs):
+            proc = self.mounts[i] if i < len(self.mounts) else None
+            if proc is not None:
+                await proc.stop()
+            else:
+                await self._mount_process(i, d).stop_orphan()
             if is_fuse_mounted(d.dir):
                 await trio.to_thread.run_sync(force_unmount, d.dir)
         self.mounts = []
+
+    def mounted_dirs(self) -> list[Path]:
+        """Replicated directories with a FUSE mount on them (ours, or left by a crash)."""
+        return [d.dir for d in self.dirs if is_fuse_mounted(d.dir)]
 
     async def replication_lost(self) -> str | None:
         """Why a mount stopped replicating (it went ALONE by itself, I5), or None."""
@@ -232,30 +281,40 @@ class DataPath:
         if self.replicas:
             return
         for i, d in enumerate(self.dirs):
+            proc = self._replica_process(i, d)
+            await proc.stop_orphan()  # an earlier daemon's would hold the port
             if stale:
                 shutil.rmtree(d.replica_state, ignore_errors=True)
             d.replica_state.mkdir(parents=True, exist_ok=True)
-            argv = hafs_command(
-                "fs", "replica", str(d.dir),
-                "--listen", _hostport(d.local),
-                "--key", str(self.key_file),
-                "--state-dir", str(d.replica_state),
-            )  # fmt: skip
-            proc = DataProcess(
-                "replica", argv, d.replica_state / "status.sock", self.log_dir / f"replica{i}.log"
-            )
             proc.start()
             self.replicas.append(proc)
             await proc.wait_ready(lambda s: True)
+
+    def _replica_process(self, i: int, d: Replicated) -> DataProcess:
+        argv = hafs_command(
+            "fs", "replica", str(d.dir),
+            "--listen", _hostport(d.local),
+            "--key", str(self.key_file),
+            "--state-dir", str(d.replica_state),
+        )  # fmt: skip
+        sock = d.replica_state / "status.sock"
+        return DataProcess("replica", argv, sock, self.log_dir / f"replica{i}.log")
 
     async def stop_replicas(self) -> None:
         for proc in self.replicas:
             await proc.stop()
         self.replicas = []
 
+    async def stop_orphan_replicas(self) -> None:
+        """Replica servers an earlier daemon left: this node is no one's SECOND now."""
+        for i, d in enumerate(self.dirs):
+            await self._replica_process(i, d).stop_orphan()
+
     async def replicas_synced(self) -> bool | None:
         """True once every replica has a live session whose resync completed; None when a
         replica process died (the resync failed)."""
+        if not self.dirs:
+            return True  # a module that replicates nothing is always synchronised
         if not self.replicas:
             return None
         for proc in self.replicas:

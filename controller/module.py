@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +27,7 @@ from controller.checkers import Checker, poll_once
 from controller.checkers.interface import InterfaceChecker
 from controller.checkers.process import process_checkers
 from controller.config import ClusterConfig, ModuleConfig, UserScripts
-from controller.datapath import DataPath, DataPathError, Replicated
+from controller.datapath import DataPath, Replicated
 from controller.heartbeat import Heartbeats, Network, PeerBeat
 from controller.modulelog import ModuleLog
 from controller.paths import Layout
@@ -51,28 +53,40 @@ class _Command:
     transition: sm.Transition | None = None
 
 
-class DurableStore:
-    """The module's persisted record (I7) and whether the operator wants it started."""
+@dataclass(frozen=True)
+class Record:
+    """What the module persists: the state machine's record (I7), whether the operator
+    wants the module running (boot="ignore"), and whether this node may hold the VIP, a
+    mount or the application (serving): a daemon that finds it set after a crash cleans up
+    before it announces anything the peer could take over on."""
 
+    durable: sm.Durable = sm.Durable()
+    started: bool = False
+    serving: bool = False
+
+
+class DurableStore:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "durable.json"
         directory.mkdir(parents=True, exist_ok=True)
 
-    def load(self) -> tuple[sm.Durable, bool]:
+    def load(self) -> Record:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return sm.Durable(), False
+            return Record()
         durable = sm.Durable(
             copy=sm.Copy(data["copy"]), term=int(data["term"]), prim_term=int(data["prim_term"])
         )
-        return durable, bool(data.get("started", False))
+        return Record(durable, bool(data.get("started")), bool(data.get("serving")))
 
-    def save(self, durable: sm.Durable, started: bool) -> None:
-        record = {**asdict(durable), "copy": durable.copy.value, "started": started}
+    def save(self, record: Record) -> None:
+        d = record.durable
+        data = {**asdict(d), "copy": d.copy.value, "started": record.started,
+                "serving": record.serving}  # fmt: skip
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w") as f:
-            json.dump(record, f)
+            json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -121,10 +135,15 @@ class Module:
         self.peer = cluster.peer(node)
         self.modlog = ModuleLog(layout.module_log(self.name), node)
         self.store = DurableStore(layout.module_state(self.name))
-        durable, self.started = self.store.load()
-        self.view = sm.NodeView(self._policy(), durable=durable)
-        self._send, self._receive = trio.open_memory_channel[sm.Event | _Command](1000)
-        self._scripts_send, self._scripts_receive = trio.open_memory_channel[sm.RunScript](100)
+        self.record = self.store.load()
+        self.view = sm.NodeView(self._policy(), durable=self.record.durable)
+        # Unbounded: dropping a ScriptResult or an ActionFailed would leave the module stuck
+        # in a transient phase; the producers are bounded by the events they react to.
+        self._send, self._receive = trio.open_memory_channel[sm.Event | _Command](math.inf)
+        self._scripts: deque[sm.RunScript] = deque()
+        self._script_queued = trio.Event()
+        self._mirroring = False  # a SetMountMode(MIRROR) copy is running
+        self._mirror_backoff = 0.0
         self._nursery: trio.Nursery | None = None
         self._running_script: tuple[str, trio.CancelScope] | None = None
         self._last_beat: float | None = None
@@ -199,10 +218,14 @@ class Module:
 
     def post(self, event: sm.Event) -> None:
         """Queue an event from any task (or a heartbeat callback)."""
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            log.error("%s: event queue full, dropping %s", self.name, event)
+        self._send.send_nowait(event)
+
+    def _save(self, **changes: Any) -> None:
+        """Persist the record with `changes` (fsync'ed before anything else happens)."""
+        record = replace(self.record, **changes)
+        if record != self.record:
+            self.store.save(record)
+            self.record = record
 
     async def command(self, event: sm.Event) -> sm.Transition:
         """Run an operator command through the queue and return its transition."""
@@ -230,6 +253,7 @@ class Module:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._warn_at_start()
+        await self.datapath.stop_orphan_replicas()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.heartbeats.run)
@@ -237,11 +261,36 @@ class Module:
             nursery.start_soon(self._watch_data_path)
             for checker in self.checkers:
                 nursery.start_soon(self._run_checker, checker)
-            self._announce()
-            if self._boot_starts():
+            if self._left_serving():
+                self._clean_up_after_crash()
+            elif self._boot_starts():
                 self.post(sm.Start())
+            self._announce()
             task_status.started()
             await self._event_loop()
+
+    def _left_serving(self) -> bool:
+        """Did an earlier daemon leave a VIP, a mount or the application behind?"""
+        held = [vip for vip in self.vips if vip.held()]
+        return self.record.serving or bool(held) or self.datapath.mounted_dirs() != []
+
+    def _clean_up_after_crash(self) -> None:
+        """Stop what an earlier daemon left running before announcing anything else: the
+        module starts as a primary that is stopping (the peer waits for it, I8), runs
+        stop_prim, releases the VIP, unmounts, and only then reaches STOP (and starts again
+        when the module is to start at boot)."""
+        state = sm.State.PRIM if self.view.copy is sm.Copy.MIRROR else sm.State.ALONE
+        why = "the previous daemon stopped while primary: stopping what it left running"
+        self.modlog.warning(why)
+        self.view = replace(
+            self.view,
+            state=state,
+            phase=sm.Phase.STOPPING,
+            goal=sm.Goal.STOP,
+            stopstart=self._boot_starts(),
+            why=why,
+        )
+        self._queue_script(sm.RunScript("stop_prim", (str(state), "STOP", "stop")))
 
     def _warn_at_start(self) -> None:
         v = self.view
@@ -257,7 +306,7 @@ class Module:
 
     def _boot_starts(self) -> bool:
         boot = self.config.service.boot
-        return boot == "on" or (boot == "ignore" and self.started)
+        return boot == "on" or (boot == "ignore" and self.record.started)
 
     async def _event_loop(self) -> None:
         async for item in self._receive:
@@ -274,8 +323,9 @@ class Module:
         self._note_started(event, t)
         for action in t.actions:
             ok = await self._execute(action)
-            if not ok and isinstance(action, ACQUIRING):
+            if not ok and isinstance(action, ACQUIRING | sm.Persist):
                 break  # no VIP or application without the data: ActionFailed decides next
+        self._note_released()
         if t.new_state.state is not old.state or t.new_state.phase is not old.phase:
             log.info("%s: %s/%s -> %s/%s: %s", self.name, old.state, old.phase,
                      self.view.state, self.view.phase, t.reason)  # fmt: skip
@@ -302,14 +352,18 @@ class Module:
         """Remember whether the operator wants the module running (boot="ignore")."""
         if t.refused:
             return
-        wanted = self.started
         if isinstance(event, sm.Start | sm.Prim | sm.Second | sm.StopStart):
-            wanted = True
+            self._save(started=True)
         elif isinstance(event, sm.Stop):
-            wanted = False
-        if wanted != self.started:
-            self.started = wanted
-            self.store.save(self.view.durable, wanted)
+            self._save(started=False)
+
+    def _note_released(self) -> None:
+        """Clear `serving` once a node that left the primary role holds nothing any more."""
+        v = self.view
+        if not self.record.serving or v.state.primary or self.datapath.mounts:
+            return
+        if not any(vip.held() for vip in self.vips):
+            self._save(serving=False)
 
     def _announce(self) -> None:
         self.heartbeats.announce(peer_info_to_wire(self.view.announce()))
@@ -317,26 +371,35 @@ class Module:
     # ------------------------------------------------------------------ actions out
 
     async def _execute(self, action: sm.Action) -> bool:
-        """Carry out one action; False if it failed (and ActionFailed was queued)."""
-        if isinstance(action, sm.Log):
-            self.modlog.write(LEVEL_LETTER[action.level], action.message)
-            return True
-        if isinstance(action, sm.Persist):
-            self.store.save(action.durable, self.started)
-            return True
-        if isinstance(action, sm.RunScript):
-            self._queue_script(action)
-            return True
+        """Carry out one action; False if it failed (and ActionFailed was queued). Any
+        exception is a failed action: the daemon must outlive a broken disk or script."""
+        name = type(action).__name__
         try:
-            await self._effect(action)
-        except (DataPathError, VipError, OSError, RuntimeError) as e:
-            name = type(action).__name__
-            self.modlog.error(f"action {name} failed: {e}")
+            if isinstance(action, sm.Log):
+                self._log(LEVEL_LETTER[action.level], action.message)
+            elif isinstance(action, sm.Persist):
+                self._save(durable=action.durable)
+            elif isinstance(action, sm.RunScript):
+                self._queue_script(action)
+            else:
+                if isinstance(action, ACQUIRING):
+                    self._save(serving=True)  # before: a crash after it must clean up
+                await self._effect(action)
+                if not isinstance(action, sm.AskWitness | sm.StartResync):
+                    self._log("I", f"action {_describe(action)}: done")
+        except Exception as e:
+            log.exception("%s: action %s failed", self.name, name)
+            self._log("E", f"action {name} failed: {e}")
             self.post(sm.ActionFailed(name, str(e)))
             return False
-        if not isinstance(action, sm.AskWitness | sm.StartResync):
-            self.modlog.info(f"action {_describe(action)}: done")
         return True
+
+    def _log(self, level: str, message: str) -> None:
+        """The module log; a full disk must not stop the daemon, so failures go to stderr."""
+        try:
+            self.modlog.write(level, message)
+        except OSError as e:
+            log.error("%s: module log unwritable (%s): %s", self.name, e, message)
 
     async def _effect(self, action: sm.Action) -> None:
         nursery = self._nursery
@@ -347,8 +410,14 @@ class Module:
                     await vip.take()
                     await nursery.start(vip.announce)
             case sm.ReleaseVip():
-                for vip in self.vips:
-                    await vip.release()
+                errors = []
+                for vip in self.vips:  # every one, even when one fails
+                    try:
+                        await vip.release()
+                    except VipError as e:
+                        errors.append(str(e))
+                if errors:
+                    raise VipError("; ".join(errors))
             case sm.Mount(mode=mode):
                 await self.datapath.mount(alone=mode is sm.MountMode.ALONE)
             case sm.SetMountMode(mode=sm.MountMode.ALONE):
@@ -370,17 +439,26 @@ class Module:
                 raise RuntimeError(f"unknown action {action!r}")
 
     async def _mirror(self) -> None:
-        """The primary's side of a SECOND joining: copy what differs, then mirror."""
+        """The primary's side of a SECOND joining: copy what differs, then mirror. A failed
+        copy is retried by the SECOND's next heartbeat; back off so a link that carries
+        heartbeats but not the stream does not make the primary flap every pulse."""
+        await trio.sleep(self._mirror_backoff)
         started = time.monotonic()
+        self._mirroring = True
         try:
             totals = await self.datapath.mirror()
-        except (DataPathError, OSError, ValueError) as e:
-            self.modlog.error(f"resync to {self.peer} failed: {e}")
+        except Exception as e:
+            self._mirror_backoff = min(max(2 * self._mirror_backoff, 1.0), 30.0)
+            self._log("E", f"resync to {self.peer} failed: {e}")
             self.post(sm.ReplicationLost(f"resync failed: {e}"))
             return
-        self.modlog.info(
+        finally:
+            self._mirroring = False
+        self._mirror_backoff = 0.0
+        self._log(
+            "I",
             f"resync to {self.peer} done in {time.monotonic() - started:.1f} s: "
-            f"{totals['files_copied']} files, {totals['bytes_sent']} bytes copied; mirroring"
+            f"{totals['files_copied']} files, {totals['bytes_sent']} bytes copied; mirroring",
         )
 
     async def _await_resync(self) -> None:
@@ -403,9 +481,14 @@ class Module:
 
         sb = self.config.check.splitbrain
         witnesses = [str(w) for w in sb.witnesses] if sb else []
-        ok = await reachable(witnesses)
+        try:
+            ok = await reachable(witnesses)
+        except Exception as e:  # no ping binary, no socket: the witness was not reached
+            log.exception("%s: witness check failed", self.name)
+            self._log("E", f"splitbrain witness check failed: {e}")
+            ok = False
         answer = "reachable" if ok else "unreachable"
-        self.modlog.info(f"splitbrain witness {' '.join(witnesses)}: {answer}")
+        self._log("I", f"splitbrain witness {' '.join(witnesses)}: {answer}")
         self.post(sm.WitnessResult(ok))
 
     async def _script_worker(self) -> None:
@@ -416,24 +499,41 @@ class Module:
 
         user = self.config.user
         ctx = ScriptContext(self.layout, self.name, self.node, user or UserScripts())
-        async for script in self._scripts_receive:
-            if user is None:
-                self.post(sm.ScriptResult(script.script, True))
-                continue
-            with trio.CancelScope() as scope:
-                self._running_script = (script.script, scope)
-                outcome = await run_script(ctx, script.script, script.args)
-            self._running_script = None
-            ok = outcome.ok and not scope.cancelled_caught
+        while True:
+            while not self._scripts:
+                self._script_queued = trio.Event()
+                await self._script_queued.wait()
+            script = self._scripts.popleft()
+            ok = True
+            if user is not None:
+                ok = False
+                with trio.CancelScope() as scope:
+                    self._running_script = (script.script, scope)
+                    try:
+                        outcome = await run_script(ctx, script.script, script.args)
+                        ok = outcome.ok
+                    except Exception as e:
+                        log.exception("%s: script %s", self.name, script.script)
+                        self._log("E", f"script {script.script} could not run: {e}")
+                self._running_script = None
+                ok = ok and not scope.cancelled_caught
             self.post(sm.ScriptResult(script.script, ok))
 
     def _queue_script(self, script: sm.RunScript) -> None:
-        running = self._running_script
-        stopping = script.script.startswith("stop")
-        if running is not None and stopping and running[0].startswith("start"):
-            self.modlog.warning(f"{running[0]} still running: cancelled for {script.script}")
-            running[1].cancel()
-        self._scripts_send.send_nowait(script)
+        """A stop script cancels the start scripts that run or wait (start scripts have no
+        time limit: a hung one must not hold the stop back); each cancelled one reports
+        failure, as the state machine expects one result per script."""
+        if script.script.startswith("stop"):
+            running = self._running_script
+            if running is not None and running[0].startswith("start"):
+                self._log("W", f"{running[0]} still running: cancelled for {script.script}")
+                running[1].cancel()
+            for queued in [q for q in self._scripts if q.script.startswith("start")]:
+                self._scripts.remove(queued)
+                self._log("W", f"{queued.script} not run: {script.script} came first")
+                self.post(sm.ScriptResult(queued.script, False))
+        self._scripts.append(script)
+        self._script_queued.set()
 
     async def _watch_data_path(self) -> None:
         """Report a mount that went ALONE by itself (I5) or died."""
@@ -441,7 +541,8 @@ class Module:
         while True:
             await trio.sleep(WATCH_INTERVAL)
             v = self.view
-            if not v.state.primary or v.phase is not sm.Phase.READY or not self.datapath.mounts:
+            idle = not v.state.primary or v.phase is not sm.Phase.READY
+            if idle or not self.datapath.mounts or self._mirroring:
                 reported = False
                 continue
             for proc in self.datapath.mounts:
@@ -484,13 +585,17 @@ class Module:
         """Stop the module (a failover when primary), then say goodbye to the peer."""
         timeout = self.stop_time_limit()
         if self.view.state is not sm.State.STOP:
-            started = self.started
+            started = self.record.started
             await self.command(sm.Stop())
-            self.started = started  # a daemon stop is not an operator's stop: boot again
-            self.store.save(self.view.durable, started)
+            self._save(started=started)  # a daemon stop is not an operator's stop: boot again
             with trio.move_on_after(timeout):
                 while self.view.state is not sm.State.STOP:
                     await trio.sleep(0.1)
+        if self.view.state is not sm.State.STOP:
+            # Still holding the role: a goodbye would let the peer take over at once (I8);
+            # it learns from the heartbeat timeout instead, and asks the witness.
+            self._log("E", f"daemon stopping with the module still {self.view.state}")
+            return
         await self.datapath.stop_all()
         await self.heartbeats.goodbye()
 

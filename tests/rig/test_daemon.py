@@ -203,3 +203,34 @@ def test_module_apply_installs_the_same_module_on_the_peer(rig: Rig) -> None:
     refused = n1.hafs("module", "apply", "-m", MODULE, check=False)
     assert refused.returncode != 0
     assert pushed.read_text() == script.read_text()
+
+
+def test_primary_daemon_crash_cleans_up_before_the_peer_takes_over(rig_base: Path) -> None:
+    # A heart timeout long enough for the restart: the crashed daemon's node still holds the
+    # VIP and runs the application until its restarted daemon stops them.
+    with two_node_rig(rig_base, timeout=10000) as rig:
+        n1, n2 = rig.node1, rig.node2
+        establish(rig)
+        write_on(n1, "before-crash", "kept")
+        n1.crash_daemon()
+        assert _app_running(n1)  # the daemon's crash did not take the application down
+        n1.restart_daemon()
+        n1.wait_for(lambda: "Transition SECOND -> ALONE" in n2.module_log(), "takeover", 30)
+        assert "remote stop" in n2.module_log()  # announced: no timeout, no witness needed
+        log = n1.module_log()
+        assert "previous daemon stopped while primary" in log, n1.tail()
+        released = _logged_at(log, "action ReleaseVip(): done")
+        taken = _logged_at(n2.module_log(), "Transition SECOND -> ALONE")
+        assert released < taken, (released, taken)  # never two holders of the VIP (I8)
+        assert not _app_running(n1)
+        assert not any(a.startswith(VIP + "/") for a in n1.net.addresses())
+        assert n2.inside(["cat", f"{n2.shared}/before-crash"]).stdout == "kept"
+        # It was started before the crash: once clean it starts again and joins n2.
+        n1.wait_state("SECOND", colour="green", timeout=60)
+        n2.wait_state("PRIM", colour="green")
+
+
+def _logged_at(log: str, text: str) -> str:
+    """The timestamp of the first module log line containing `text` (sortable)."""
+    line = next(line for line in log.splitlines() if text in line)
+    return line[:23]

@@ -37,16 +37,29 @@ REPO = Path(__file__).resolve().parents[2]
 Completed = subprocess.CompletedProcess[str]
 
 
-# The node's PID 1: starts the daemon, passes SIGTERM on, and reaps every orphan (an
-# application that start_prim left in the background ends up its child), as init does on a
-# real server. It exits with the daemon.
+# The node's PID 1, as init on a real server: starts the daemon, passes SIGTERM on (and
+# exits once the daemon has stopped), reaps every orphan (an application that start_prim
+# left in the background ends up its child), and on SIGUSR1 starts the daemon again after
+# it died (what systemd's Restart= does).
 NODE_INIT = """
 import os, signal, subprocess, sys
-daemon = subprocess.Popen(sys.argv[1:])
-signal.signal(signal.SIGTERM, lambda *_: daemon.send_signal(signal.SIGTERM))
+argv = sys.argv[1:]
+state = {"daemon": subprocess.Popen(argv), "stopping": False}
+def term(*_):
+    state["stopping"] = True
+    state["daemon"].send_signal(signal.SIGTERM)
+def restart(*_):
+    if state["daemon"].poll() is not None:
+        state["daemon"] = subprocess.Popen(argv)
+signal.signal(signal.SIGTERM, term)
+signal.signal(signal.SIGUSR1, restart)
 while True:
-    pid, status = os.wait()
-    if pid == daemon.pid:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        signal.pause()
+        continue
+    if pid == state["daemon"].pid and state["stopping"]:
         sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -104,6 +117,33 @@ class RigNode:
         parent = unshare[0] if unshare else psutil.Process(self.daemon.pid)
         kids = parent.children()
         return kids[0].pid if kids else None
+
+    def daemon_pid(self) -> int | None:
+        """PID (host view) of the daemon itself, the init's child running controller.cli."""
+        init = self.init_pid()
+        if init is None:
+            return None
+        for child in psutil.Process(init).children():
+            with contextlib.suppress(psutil.Error):  # a zombie not reaped yet: gone
+                if "daemon" in child.cmdline():
+                    return child.pid
+        return None
+
+    def crash_daemon(self) -> None:
+        """SIGKILL the daemon alone: the application and the data processes live on."""
+        pid = self.daemon_pid()
+        if pid is None:
+            raise RigError(f"{self.name}: no daemon to crash")
+        os.kill(pid, signal.SIGKILL)
+        self.wait_for(lambda: self.daemon_pid() is None, f"{self.name} daemon gone", 10)
+
+    def restart_daemon(self) -> None:
+        """Start the daemon again in the same node, as systemd's Restart= would."""
+        pid = self.init_pid()
+        if pid is None:
+            raise RigError(f"{self.name}: not running")
+        os.kill(pid, signal.SIGUSR1)
+        self.wait_for(self.control_ready, f"{self.name}: daemon back", 30)
 
     def control_ready(self) -> bool:
         return self.hafs("state", "--json", check=False).returncode == 0
