@@ -1,12 +1,18 @@
 """The `hafs` command: SafeKit's verbs for a node's modules, on top of the data path's `hafs fs`.
 
-Exit codes: 0 done; 1 refused or failed (the message says why); 2 bad usage, or the daemon
-is not running. `hafs state -m M -lq` exits with the state's code instead: STOP 0, WAIT 1,
-ALONE 2, PRIM 3, SECOND 4 (SafeKit's `safekit state -lq`).
+Exit codes: 0 done; 1 refused or failed (the message says why), or with --wait: the state
+did not settle in time, or settled red (STOP, WAIT blocked) after a command meant to run the
+module; 2 bad usage, or the daemon is not running.
+
+`hafs state -m M -lq` exits with the state's code instead: STOP 0, WAIT 1, ALONE 2, PRIM 3,
+SECOND 4 (SafeKit's `safekit state -lq`). Its errors exit 10 and up, so a script never takes
+one for a state: 10 the daemon cannot be reached; 11 no such module, or not exactly one
+module (give -m M). The message goes to stderr.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -26,6 +32,12 @@ WaitOpt = Annotated[
     float, typer.Option("--wait", help="seconds to wait for the state to settle (0: do not)")
 ]
 COLOUR_CODES = {"red": "31", "orange": "33", "green": "32", "magenta": "35"}
+# A command's reply comes once its transition's actions are done (mounts, the VIP ...).
+COMMAND_TIMEOUT = 600.0
+QUERY_TIMEOUT = 30.0  # state, ping: answered at once
+# `state -lq` errors: never a state's code (0-4)
+LQ_UNREACHABLE = 10
+LQ_NO_MODULE = 11
 
 
 @app.callback()
@@ -49,11 +61,18 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _ask(cmd: str, module: str | None = None, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+def _ask(
+    cmd: str,
+    module: str | None = None,
+    timeout: float = QUERY_TIMEOUT,
+    unreachable: int = 2,
+    **args: Any,
+) -> dict[str, Any]:
+    """The daemon's reply; exits `unreachable` when the daemon cannot be reached."""
     try:
         return control.request(_layout(), cmd, module, timeout=timeout, **args)
     except control.ControlError as e:
-        _fail(str(e), 2)
+        _fail(str(e), unreachable)
 
 
 # ---------------------------------------------------------------------- the daemon
@@ -85,13 +104,14 @@ def state(
     ] = False,
 ) -> None:
     """Both nodes' states and colours, for one module or all."""
-    reply = _ask("state", module)
+    reply = _ask("state", module, unreachable=LQ_UNREACHABLE if code_only else 2)
     if not reply.get("ok"):
-        _fail(reply.get("message", "state failed"))
+        _fail(reply.get("message", "state failed"), LQ_NO_MODULE if code_only else 1)
     modules = reply["modules"]
     if code_only:
         if len(modules) != 1:
-            _fail("-lq needs -m MODULE", 2)
+            which = ", ".join(m["module"] for m in modules) or "none loaded"
+            _fail(f"-lq needs exactly one module: give -m MODULE ({which})", LQ_NO_MODULE)
         raise typer.Exit(modules[0]["code"])
     if as_json:
         typer.echo(json.dumps(modules, indent=2))
@@ -125,28 +145,37 @@ def _state_lines(snap: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- commands
 
 
+# Commands whose goal is a running module: settling red (STOP, WAIT blocked) is a failure.
+TO_RUN = frozenset({"start", "prim", "second", "restart", "stopstart", "swap"})
+
+
 def _command(cmd: str, module: str, wait: float, **args: Any) -> None:
-    reply = _ask(cmd, module, **args)
+    reply = _ask(cmd, module, timeout=COMMAND_TIMEOUT, **args)
     typer.echo(f"{module}: {reply.get('message', '')}")
     if not reply.get("ok"):
         raise typer.Exit(1)
     if wait > 0:
-        _wait_settled(module, wait)
+        _wait_settled(module, wait, must_run=cmd in TO_RUN)
 
 
-def _wait_settled(module: str, wait: float) -> None:
-    """Wait until the module is no longer in a transient (orange/magenta) phase."""
+def _wait_settled(module: str, wait: float, must_run: bool) -> None:
+    """Wait until the module is no longer in a transient (orange/magenta) phase; exit 1 if
+    it does not within `wait` seconds, or settles red when it was meant to run."""
     deadline = time.monotonic() + wait
-    snap: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        snap = _ask("state", module)["modules"][0]
+    while True:
+        reply = _ask("state", module)
+        if not reply.get("ok"):
+            _fail(reply.get("message", "state failed"))
+        snap = reply["modules"][0]
         if snap["colour"] in ("green", "red") and snap["phase"] != "stopping":
             break
+        if time.monotonic() >= deadline:
+            _fail(f"{module}: still {snap['state']} ({snap['colour']}) after {wait:g} s")
         time.sleep(0.2)
-    else:
-        typer.echo(f"{module}: still {snap.get('state')} ({snap.get('colour')}) after {wait:g} s")
-        return
-    typer.echo(f"{module}: {snap['state']} ({snap['colour']}): {snap['why']}")
+    settled = f"{module}: {snap['state']} ({snap['colour']}): {snap['why']}"
+    if must_run and snap["colour"] == "red":
+        _fail(f"{settled}: not running")
+    typer.echo(settled)
 
 
 @app.command()
@@ -155,8 +184,9 @@ def start(module: ModuleOpt, wait: WaitOpt = 0.0) -> None:
     _command("start", module, wait)
 
 
+# 900 s: stop_prim may run twice, bounded by nicestoptimeout then forcestoptimeout.
 @app.command()
-def stop(module: ModuleOpt, wait: WaitOpt = 120.0) -> None:
+def stop(module: ModuleOpt, wait: WaitOpt = 900.0) -> None:
     """Stop the module; on PRIM the synchronised SECOND takes over."""
     _command("stop", module, wait)
 
@@ -206,13 +236,18 @@ def second(
     _command("second", module, wait, fullsync=fullsync)
 
 
+class OnOff(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
 @app.command()
 def failover(
     module: ModuleOpt,
-    on: Annotated[bool, typer.Argument(help="on or off", parser=lambda s: s == "on")] = True,
+    on_off: Annotated[OnOff, typer.Argument(metavar="on|off", case_sensitive=False)],
 ) -> None:
     """Turn automatic failover on or off at run time (off: a SECOND waits for `prim`)."""
-    _command("failover", module, 0.0, on=on)
+    _command("failover", module, 0.0, on=on_off is OnOff.ON)
 
 
 # ---------------------------------------------------------------------- logs
@@ -298,8 +333,10 @@ def module_install(
         _fail(str(e))
     typer.echo(f"installed module {name} in {target}")
     if layout.control_socket.exists():
-        reply = _ask("reload")
+        reply = _ask("reload", name, timeout=COMMAND_TIMEOUT)
         typer.echo(reply.get("message", ""))
+        if not reply.get("ok"):
+            raise typer.Exit(1)
 
 
 @module_app.command("apply")
@@ -319,7 +356,8 @@ def module_apply(module: ModuleOpt) -> None:
 def module_list() -> None:
     """The installed modules."""
     layout = _layout()
-    names = sorted(p.name for p in layout.modules.iterdir()) if layout.modules.is_dir() else []
+    found = layout.modules.iterdir() if layout.modules.is_dir() else iter(())
+    names = sorted(p.name for p in found if not p.name.startswith("."))  # dot: installing
     for name in names:
         typer.echo(name)
 

@@ -2,17 +2,24 @@
 runs each module (controller.module) and answers the CLI on the control socket.
 
 SIGTERM/SIGINT stop every module as `hafs stop` would (a primary hands over to its
-synchronised SECOND), say goodbye to the peer and exit; a daemon killed outright leaves the
-data processes and the application running (design.md section 2) and the next start cleans
-up after it.
+synchronised SECOND), say goodbye to the peer and exit; another signal during that stop is
+only logged. A daemon killed outright leaves the data processes and the application running
+(design.md section 2) and the next start cleans up after it.
+
+One daemon per root: `run/hafs/daemon.lock` is held (flock) for the daemon's life. A module
+that cannot be loaded or started (a bad configuration, a heartbeat port taken, another
+module's ports, a corrupt durable.json) is left out with an error; the others run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import psutil
@@ -20,8 +27,10 @@ import trio
 
 from controller import control
 from controller import statemachine as sm
-from controller.config import ClusterConfig, ConfigError, load_cluster, load_module
-from controller.module import Module
+from controller.config import ClusterConfig, ConfigError, ModuleConfig, load_cluster, load_module
+from controller.heartbeat import HeartbeatError
+from controller.module import DEFAULT_HEART_PORT, REPLICATION_PORT_OFFSET, Module
+from controller.modulelog import ModuleLog
 from controller.modules import PushServer, admin_port
 from controller.paths import Layout
 from hafs import protocol
@@ -50,6 +59,33 @@ def detect_node(cluster: ClusterConfig) -> str:
     return found.pop()
 
 
+def lock_root(layout: Layout) -> int:
+    """Take the root's daemon lock; it is held while the returned descriptor stays open.
+
+    Raises DaemonError when another daemon holds it: two daemons on one root would bind the
+    same ports, run the same scripts and overwrite each other's pidfile and control socket.
+    """
+    path = layout.run / "daemon.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not inherited (os.open's default): a data process or script outliving the daemon
+        # must not keep its successor from starting.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DaemonError(f"cannot open the daemon lock {path}: {e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonError(
+            f"another hafs daemon runs with root {layout.root} (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Daemon:
     def __init__(self, layout: Layout, node: str | None = None) -> None:
         self.layout = layout
@@ -69,6 +105,9 @@ class Daemon:
         self.modules: dict[str, Module] = {}
         self._nursery: trio.Nursery | None = None
         self._push: PushServer | None = None
+        # Held while modules are loaded and started: two reloads at once would start the
+        # same new module twice.
+        self._loading = trio.Lock()
 
     def _start_push_server(self, token: trio.lowlevel.TrioToken) -> None:
         """Accept `hafs module apply` from the peer on this node's lan addresses."""
@@ -76,28 +115,57 @@ class Daemon:
         addrs = [(str(lan.node(self.node).local_addr), port) for lan in self.cluster.lans]
 
         def installed(name: str) -> str:
-            reply = trio.from_thread.run(self._reload, trio_token=token)
+            reply = trio.from_thread.run(self._reload, name, trio_token=token)
             return str(reply["message"])
 
         self._push = PushServer(self.layout, self.key, addrs, installed)
         self._push.start()
 
-    def load_modules(self) -> list[str]:
-        """Load every installed module not loaded yet; return the problems found."""
+    def load_modules(
+        self, loaded: Mapping[str, ModuleConfig]
+    ) -> tuple[list[ModuleConfig], list[str]]:
+        """Read every installed module not in `loaded`; return their configurations and the
+        problems found. Blocking (xmlschema): the daemon runs it in a thread once started."""
+        configs: list[ModuleConfig] = []
         problems: list[str] = []
         if not self.layout.modules.is_dir():
-            return problems
+            return configs, problems
+        taken = dict(loaded)
         for directory in sorted(self.layout.modules.iterdir()):
-            if directory.name in self.modules or not directory.is_dir():
+            # A dot name is an install in progress (controller.modules.install).
+            name = directory.name
+            if name in loaded or name.startswith(".") or not directory.is_dir():
                 continue
             try:
                 config = load_module(directory, self.cluster)
             except ConfigError as e:
                 problems.append(f"module {directory.name} not loaded: {e}")
                 continue
-            self.modules[config.name] = Module(
-                self.layout, self.cluster, config, self.node, self.key
-            )
+            clash = _port_clash(config, taken)
+            if clash is not None:
+                problems.append(clash)
+                continue
+            taken[config.name] = config
+            configs.append(config)
+        return configs, problems
+
+    async def _start_modules(self, configs: list[ModuleConfig]) -> list[str]:
+        """Start each module in the daemon's nursery; one that fails is left out (its
+        commands then answer "no module") and its problem returned. Hold self._loading."""
+        assert self._nursery is not None
+        problems = []
+        for config in configs:
+            try:
+                module = Module(self.layout, self.cluster, config, self.node, self.key)
+                await self._nursery.start(module.run)
+            except Exception as e:  # a bad module must not stop the daemon or the others
+                problem = f"module {config.name} not loaded: {_describe(e)}"
+                log.error("%s", problem, exc_info=not _expected(e))
+                with contextlib.suppress(OSError):  # where `hafs log -m` shows it
+                    ModuleLog(self.layout.module_log(config.name), self.node).error(problem)
+                problems.append(problem)
+                continue
+            self.modules[config.name] = module
         return problems
 
     async def run(self) -> None:
@@ -105,20 +173,25 @@ class Daemon:
 
         for d in (self.layout.run, self.layout.logs, self.layout.home):
             d.mkdir(parents=True, exist_ok=True)
-        install_safekit_command(self.layout)
+        lock = lock_root(self.layout)  # before the pidfile and the control socket
         pidfile = self.layout.run / "daemon.pid"
-        pidfile.write_text(f"{os.getpid()}\n")
-        for problem in self.load_modules():
-            log.error("%s", problem)
-        log.info("hafs daemon on %s: modules %s", self.node, ", ".join(self.modules) or "none")
         try:
+            install_safekit_command(self.layout)
+            pidfile.write_text(f"{os.getpid()}\n")
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                stopping = trio.Event()
+                await nursery.start(self._watch_signals, stopping)
+                configs, problems = self.load_modules({})
                 await nursery.start(control.serve, self.layout.control_socket, self.handle)
                 self._start_push_server(trio.lowlevel.current_trio_token())
-                for module in self.modules.values():
-                    await nursery.start(module.run)
-                await self._until_signal()
+                async with self._loading:
+                    problems += await self._start_modules(configs)
+                for problem in problems:
+                    log.error("%s", problem)
+                modules = ", ".join(self.modules) or "none"
+                log.info("hafs daemon on %s: modules %s", self.node, modules)
+                await stopping.wait()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
@@ -126,12 +199,23 @@ class Daemon:
                 self._push.close()
             pidfile.unlink(missing_ok=True)
             self.layout.control_socket.unlink(missing_ok=True)
+            os.close(lock)
 
-    async def _until_signal(self) -> None:
+    async def _watch_signals(
+        self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own SIGTERM/SIGINT for the daemon's whole life: the first one sets `stopping`;
+        one during the stop (an impatient operator, systemd) must not kill the daemon
+        halfway through its modules' stop scripts."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
-                log.info("signal %s: stopping the modules", signal.Signals(signum).name)
-                return
+                name = signal.Signals(signum).name
+                if stopping.is_set():
+                    log.warning("signal %s: already stopping the modules", name)
+                else:
+                    log.info("signal %s: stopping the modules", name)
+                    stopping.set()
 
     async def _shutdown(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -141,12 +225,19 @@ class Daemon:
     # ------------------------------------------------------------------ control API
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._dispatch(req)
+        except Exception as e:  # one command's bug must not kill the daemon
+            log.exception("command %r failed", req.get("cmd"))
+            return {"ok": False, "message": f"internal error: {_describe(e)}"}
+
+    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
         if cmd == "ping":
             return {"ok": True, "node": self.node, "pid": os.getpid()}
-        if cmd == "reload":
-            return await self._reload()
         name = req.get("module")
+        if cmd == "reload":
+            return await self._reload(name if isinstance(name, str) else None)
         if cmd == "state":
             chosen = [m for n, m in self.modules.items() if name in (None, n)]
             if name is not None and not chosen:
@@ -165,15 +256,63 @@ class Daemon:
         known = ", ".join(self.modules) or "none installed"
         return {"ok": False, "message": f"no module {name!r} on {self.node} ({known})"}
 
-    async def _reload(self) -> dict[str, Any]:
-        before = set(self.modules)
-        problems = self.load_modules()
+    async def _reload(self, installed: str | None = None) -> dict[str, Any]:
+        """Load the modules installed since; `installed`: the module just (re)installed."""
+        async with self._loading:
+            before = set(self.modules)
+            loaded = {n: m.config for n, m in self.modules.items()}
+            configs, problems = await trio.to_thread.run_sync(self.load_modules, loaded)
+            problems += await self._start_modules(configs)
         added = [n for n in self.modules if n not in before]
-        assert self._nursery is not None
-        for name in added:
-            await self._nursery.start(self.modules[name].run)
-        message = f"loaded {', '.join(added) or 'nothing new'}"
-        return {"ok": not problems, "message": "; ".join([message, *problems])}
+        notes = [f"loaded {', '.join(added) or 'nothing new'}"]
+        if installed in before:
+            # A running module keeps the configuration it was built from; its scripts are
+            # looked up in bin/ each time they run.
+            notes.append(
+                f"module {installed} already loaded: bin/ scripts apply now, "
+                "conf/userconfig.xml at the next daemon restart"
+            )
+        return {"ok": not problems, "message": "; ".join([*notes, *problems])}
+
+
+def _ports(config: ModuleConfig) -> tuple[int, set[int]]:
+    """The module's heartbeat port (UDP) and replication ports (TCP)."""
+    heart = config.heart.port or DEFAULT_HEART_PORT
+    dirs = config.rfs.replicated if config.rfs else ()
+    return heart, {heart + REPLICATION_PORT_OFFSET + i for i in range(len(dirs))}
+
+
+def _port_clash(config: ModuleConfig, loaded: Mapping[str, ModuleConfig]) -> str | None:
+    """Why `config` cannot run beside the `loaded` modules, or None if it can."""
+    heart, replication = _ports(config)
+    for other in loaded.values():
+        other_heart, other_replication = _ports(other)
+        if heart == other_heart:
+            used = f"its heartbeat port {heart} is module {other.name}'s too"
+        elif replication & other_replication:
+            ports = ", ".join(map(str, sorted(replication & other_replication)))
+            used = f"its replication ports {ports} are module {other.name}'s too"
+        else:
+            continue
+        return (
+            f"module {config.name} not loaded: {used}; set distinct <heart port> in "
+            f"the userconfig.xml of {config.name} and {other.name}"
+        )
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    """The error's message; the leaves of a group (trio wraps errors of nursery tasks)."""
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_describe(leaf) for leaf in e.exceptions)
+    return str(e) if isinstance(e, HeartbeatError) else f"{type(e).__name__}: {e}"
+
+
+def _expected(e: BaseException) -> bool:
+    """Errors a module's configuration or state explains, as opposed to a bug."""
+    if isinstance(e, BaseExceptionGroup):
+        return all(_expected(leaf) for leaf in e.exceptions)
+    return isinstance(e, HeartbeatError | OSError | ValueError | KeyError)
 
 
 def _event(cmd: str, req: dict[str, Any]) -> sm.Event | None:

@@ -68,6 +68,9 @@ VERSION = 1
 MAC_LEN = 16
 MAX_DATAGRAM = 8192  # fits one jumbo frame, and keeps the receiver's buffer bounded
 PAST_BOOTS_KEPT = 64
+# The daemon is told of rejected datagrams at most once per kind in this many seconds (with
+# a count of the others): an unauthenticated sender must not write a module log line each.
+REJECT_REPORT_INTERVAL = 10.0
 KEY_LABEL = b"hafs heartbeat v1"
 
 _HEADER = struct.Struct(">4sBB16sQ")
@@ -86,7 +89,15 @@ class HeartbeatError(Exception):
 
 
 class Rejected(Exception):
-    """A datagram that is not a valid heartbeat for this node; str() is the reason."""
+    """A datagram that is not a valid heartbeat for this node; str() is the reason.
+
+    `kind` names the class of reason with a fixed string, never with anything the sender
+    chose: the daemon is told of rejections at most once per kind per interval.
+    """
+
+    def __init__(self, reason: str, kind: str = "other") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -151,19 +162,19 @@ def encode_datagram(hb_key: bytes, d: Datagram) -> bytes:
 def decode_datagram(hb_key: bytes, data: bytes) -> Datagram:
     """The datagram in `data` if it is whole and authentic; raises Rejected otherwise."""
     if len(data) > MAX_DATAGRAM:
-        raise Rejected(f"oversize datagram ({len(data)} bytes)")
+        raise Rejected(f"oversize datagram ({len(data)} bytes)", "oversize")
     if len(data) < _HEADER.size + MAC_LEN:
-        raise Rejected(f"truncated datagram ({len(data)} bytes)")
+        raise Rejected(f"truncated datagram ({len(data)} bytes)", "truncated")
     magic, version, flags, boot, counter = _HEADER.unpack_from(data)
     if magic != MAGIC:
-        raise Rejected("not a hafs heartbeat (bad magic)")
+        raise Rejected("not a hafs heartbeat (bad magic)", "magic")
     if version != VERSION:
-        raise Rejected(f"unsupported heartbeat version {version}")
+        raise Rejected(f"unsupported heartbeat version {version}", "version")
     signed, mac = data[:-MAC_LEN], data[-MAC_LEN:]
     if not hmac.compare_digest(mac, _mac(hb_key, signed)):
-        raise Rejected("bad MAC (forged, or another cluster key)")
+        raise Rejected("bad MAC (forged, or another cluster key)", "mac")
     if flags & ~_FLAG_GOODBYE:
-        raise Rejected(f"unknown flags {flags:#x}")
+        raise Rejected(f"unknown flags {flags:#x}", "flags")
     body = _decode_body(signed[_HEADER.size :])
     return Datagram(
         boot=boot,
@@ -181,14 +192,14 @@ def _decode_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw.decode())
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise Rejected(f"malformed body: {e}") from None
+        raise Rejected(f"malformed body: {e}", "body") from None
     if not isinstance(body, dict):
-        raise Rejected("malformed body: not a JSON object")
+        raise Rejected("malformed body: not a JSON object", "body")
     for name in ("module", "from", "to", "network"):
         if not isinstance(body.get(name), str):
-            raise Rejected(f"malformed body: {name!r} missing or not a string")
+            raise Rejected(f"malformed body: {name!r} missing or not a string", "body")
     if not isinstance(body.get("payload"), dict):
-        raise Rejected("malformed body: 'payload' missing or not an object")
+        raise Rejected("malformed body: 'payload' missing or not an object", "body")
     return body
 
 
@@ -204,11 +215,11 @@ class ReplayGuard:
         """Records the datagram as seen; raises Rejected if it was, or belongs to an old boot."""
         if boot != self._boot:
             if boot in self._past_boots:
-                raise Rejected("replay of an earlier run of the peer (old boot id)")
+                raise Rejected("replay of an earlier run of the peer (old boot id)", "old run")
             self._new_boot(boot)
         last = self._last_counter.get(network, 0)
         if counter <= last:
-            raise Rejected(f"replay (counter {counter}, last accepted {last})")
+            raise Rejected(f"replay (counter {counter}, last accepted {last})", "replay")
         self._last_counter[network] = counter
 
     @property
@@ -222,6 +233,57 @@ class ReplayGuard:
         self._last_counter.clear()
 
 
+@dataclass
+class _Window:
+    """The rejections of one kind since the last one reported."""
+
+    ends: float
+    suppressed: int = 0
+    last_reason: str = ""
+
+
+class _RejectReports:
+    """Passes rejections on at most once per `interval` per kind; no I/O, no clock.
+
+    The first rejection of a kind is reported at once and opens a window of `interval`
+    seconds; the ones inside it are counted. flush() at the window's end reports the last of
+    them with the count ("... (and 57 more rejected in the last 10 s)") and opens a new window;
+    a window that counted none just closes, so the next rejection is reported at once.
+    """
+
+    def __init__(self, report: Callable[[str], None], interval: float) -> None:
+        self._report = report
+        self._interval = interval
+        self._windows: dict[str, _Window] = {}
+
+    def reject(self, kind: str, reason: str, now: float) -> None:
+        self.flush(now)
+        window = self._windows.get(kind)
+        if window is None:
+            self._windows[kind] = _Window(now + self._interval)
+            self._report(reason)
+        else:
+            window.suppressed += 1
+            window.last_reason = reason
+
+    def flush(self, now: float) -> None:
+        """Report what the windows ended by `now` counted (math.inf: every window)."""
+        for kind, window in list(self._windows.items()):
+            if now < window.ends:
+                continue
+            del self._windows[kind]
+            if window.suppressed:
+                more = window.suppressed - 1
+                suffix = f" (and {more} more rejected in the last {self._interval:g} s)"
+                self._report(window.last_reason + (suffix if more else ""))
+                if now != math.inf:
+                    self._windows[kind] = _Window(now + self._interval)
+
+    def next_flush(self) -> float:
+        """When the first open window ends (math.inf: none is open)."""
+        return min((w.ends for w in self._windows.values()), default=math.inf)
+
+
 # ---------------------------------------------------------------- sockets
 
 
@@ -231,8 +293,9 @@ async def _bound_socket(network: Network, port: int) -> UdpSocket:
         family = trio.socket.AF_INET6
     sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
     try:
-        # A restarted daemon must rebind at once, not wait for the old socket to go away.
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: UDP has no TIME_WAIT, so a restarted daemon rebinds at once
+        # without it, and with it two modules given the same port would both bind while
+        # unicast beats reach only one of them. A clash must fail here, by name.
         await sock.bind((network.local_addr, port))
     except OSError as e:
         sock.close()
@@ -252,7 +315,9 @@ class Heartbeats:
     daemon's state. goodbye() is final: no beat follows it; a daemon that comes back makes
     a new Heartbeats (a new boot id, which the peer accepts as a restart). on_lost is for a
     peer that was alive: a peer never heard from is not "lost" (the daemon's own start-up
-    wait decides about it, with peer_alive). Times are trio's clock: call from trio.
+    wait decides about it, with peer_alive). on_reject gets the first rejected datagram of a
+    kind, then at most one line per REJECT_REPORT_INTERVAL with the count of the others (each
+    one is logged at debug level). Times are trio's clock: call from trio.
     """
 
     def __init__(
@@ -281,7 +346,8 @@ class Heartbeats:
         self._timeout = timeout
         self._on_beat = on_beat
         self._on_lost = on_lost
-        self._on_reject = on_reject
+        self._rejects = _RejectReports(on_reject, REJECT_REPORT_INTERVAL)
+        self._reject_window_opened = trio.Event()
         # sending
         self._boot = secrets.token_bytes(_BOOT_LEN)
         self._counter = 0
@@ -323,8 +389,10 @@ class Heartbeats:
                 for network, sock in sockets:
                     nursery.start_soon(self._receive, network, sock)
                 nursery.start_soon(self._watch_for_loss)
+                nursery.start_soon(self._flush_rejects)
                 task_status.started()
         finally:
+            self._rejects.flush(math.inf)  # the counts of the windows still open
             self._sockets = []
             for _, sock in sockets:
                 sock.close()
@@ -427,22 +495,35 @@ class Heartbeats:
             self._guard.admit(beat.boot, network.name, beat.counter)
         except Rejected as e:
             reason = f"heartbeat rejected on {network.name} from {_address(source)}: {e}"
-            log.warning("%s", reason)
-            self._on_reject(reason)
+            log.debug("%s", reason)
+            self._rejects.reject(e.kind, reason, trio.current_time())
+            self._reject_window_opened.set()
             return
         self._accept(network, beat)
 
+    async def _flush_rejects(self) -> None:
+        while True:
+            deadline = self._rejects.next_flush()
+            if deadline == math.inf:
+                self._reject_window_opened = trio.Event()
+                await self._reject_window_opened.wait()
+            else:
+                await trio.sleep_until(deadline)
+                self._rejects.flush(trio.current_time())
+
     def _check_addressed_to_us(self, network: Network, beat: Datagram) -> None:
         if beat.module != self._module:
-            raise Rejected(f"wrong module {beat.module!r} (this is {self._module!r})")
+            raise Rejected(f"wrong module {beat.module!r} (this is {self._module!r})", "module")
         if beat.sender == self._node:
-            raise Rejected(f"sender claims to be this node ({beat.sender!r})")
+            raise Rejected(f"sender claims to be this node ({beat.sender!r})", "sender")
         if beat.sender != self._peer:
-            raise Rejected(f"unknown sender {beat.sender!r} (the peer is {self._peer!r})")
+            raise Rejected(f"unknown sender {beat.sender!r} (the peer is {self._peer!r})", "sender")
         if beat.destination != self._node:
-            raise Rejected(f"addressed to {beat.destination!r}, not to this node")
+            raise Rejected(f"addressed to {beat.destination!r}, not to this node", "destination")
         if beat.network != network.name:
-            raise Rejected(f"sent on network {beat.network!r}, arrived on {network.name!r}")
+            raise Rejected(
+                f"sent on network {beat.network!r}, arrived on {network.name!r}", "network"
+            )
 
     def _accept(self, network: Network, beat: Datagram) -> None:
         if beat.boot == self._departed_boot and not beat.goodbye:

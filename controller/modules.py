@@ -2,7 +2,9 @@
 
 A module is a directory `conf/userconfig.xml` + `bin/`; a `.safe` file is a zip of it
 (SafeKit's packaging). Installing validates the module against this node's cluster.xml
-before it replaces anything, so a bad module never replaces a good one.
+before it replaces anything, so a bad module never replaces a good one, and swaps the new
+directory in with one rename: a script the daemon looks up meanwhile is the old one or the
+new one, never missing.
 
 `apply` zips the installed module and sends it to the peer's daemon over the cluster's
 authenticated channel (hafs.protocol: both sides prove they hold the cluster key, every
@@ -12,9 +14,14 @@ installs it the same way and answers with the outcome.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import io
 import json
 import logging
+import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -56,13 +63,59 @@ def install(layout: Layout, name: str, source: Path) -> Path:
             raise ModuleError(f"module {name} not installed:\n{e}") from None
         target = layout.module_dir(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(staged, target, symlinks=True)
-    for script in (target / "bin").iterdir():
-        if script.is_file() and not script.is_symlink():  # never chmod a link's target
-            script.chmod(script.stat().st_mode | 0o755)
+        # Beside the target (a dot name the daemon skips): the swap is a rename, never a copy.
+        new = target.with_name(f".{name}.new-{secrets.token_hex(4)}")
+        try:
+            shutil.copytree(staged, new, symlinks=True)
+            for script in (new / "bin").iterdir():
+                if script.is_file() and not script.is_symlink():  # never chmod a link's target
+                    script.chmod(script.stat().st_mode | 0o755)
+            old = _swap_in(new, target)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _swap_in(new: Path, target: Path) -> Path | None:
+    """Put directory `new` at `target`; return where the old `target` went (None: none)."""
+    if not target.exists():
+        new.rename(target)
+        return None
+    if _rename_exchange(new, target):
+        return new
+    # No atomic exchange on this kernel or filesystem: the old one goes aside, the new one
+    # in, with a window of one rename where the target is missing.
+    aside = new.with_name(new.name.replace(".new-", ".old-", 1))
+    target.rename(aside)
+    try:
+        new.rename(target)
+    except OSError:
+        aside.rename(target)
+        raise
+    return aside
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where the C
+    library, kernel or filesystem cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _stage(source: Path, staged: Path) -> None:
@@ -181,17 +234,29 @@ class PushServer:
                     self._handle(conn)
                 except (OSError, p.ProtocolError, ValueError) as e:
                     log.warning("module push from %s rejected: %s", peer[0], e)
+                except Exception:  # a bug in one push must not end the accept thread
+                    log.exception("module push from %s failed", peer[0])
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(PUSH_TIMEOUT)
         keys, purpose = wire.server_handshake(conn, self.key)
-        if purpose is not p.Purpose.ADMIN:
-            raise p.ProtocolError(f"unexpected purpose {purpose.name} on the admin port")
-        reader, writer = p.FrameReader(keys.recv), p.FrameWriter(keys.send)
-        frames = wire.recv_frames(conn, reader)
-        if not frames or frames[0].ftype is not p.FrameType.MODULE:
-            raise p.ProtocolError("expected a MODULE frame")
-        reply = self._install(bytes(frames[0].payload))
+        writer = p.FrameWriter(keys.send)
+        try:
+            if purpose is not p.Purpose.ADMIN:
+                raise p.ProtocolError(f"unexpected purpose {purpose.name} on the admin port")
+            frames = wire.recv_frames(conn, p.FrameReader(keys.recv))
+            if not frames or frames[0].ftype is not p.FrameType.MODULE:
+                raise p.ProtocolError("expected a MODULE frame")
+            reply = self._install(bytes(frames[0].payload))
+        except Exception as e:
+            # Authenticated: the peer is told why, rather than seeing the connection drop.
+            with contextlib.suppress(Exception):
+                self._reply(conn, writer, {"ok": False, "message": f"{type(e).__name__}: {e}"})
+            raise
+        self._reply(conn, writer, reply)
+
+    @staticmethod
+    def _reply(conn: socket.socket, writer: p.FrameWriter, reply: dict[str, Any]) -> None:
         conn.sendall(b"".join(writer.seal(p.FrameType.MODULE_RESULT, json.dumps(reply).encode())))
 
     def _install(self, payload: bytes) -> dict[str, Any]:

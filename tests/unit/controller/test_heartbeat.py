@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -18,14 +19,17 @@ from typing import Any
 import pytest
 import trio
 
+from controller import heartbeat
 from controller.heartbeat import (
     MAX_DATAGRAM,
     Datagram,
+    HeartbeatError,
     Heartbeats,
     Network,
     PeerBeat,
     Rejected,
     ReplayGuard,
+    _RejectReports,
     decode_datagram,
     encode_datagram,
     heartbeat_key,
@@ -43,6 +47,12 @@ A_LAN2 = Network("lan2", local_addr="127.0.0.3", peer_addr="127.0.0.4")
 B_LAN2 = Network("lan2", local_addr="127.0.0.4", peer_addr="127.0.0.3")
 TAP_ADDR = "127.0.0.5"  # where a tapped node sends instead of its peer
 OUTSIDER_ADDR = "127.0.0.9"  # sends raw datagrams
+
+
+@pytest.fixture(autouse=True)
+def every_reject_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests see each rejection; the rate limit has tests of its own."""
+    monkeypatch.setattr(heartbeat, "REJECT_REPORT_INTERVAL", 0.0)
 
 
 @pytest.fixture
@@ -496,6 +506,7 @@ def test_forged_heartbeat_rejected(port: int) -> None:
         assert all("bad MAC" in reason for reason in seen_a.rejects)
         assert "lan1" in seen_a.rejects[0] and "127.0.0.2" in seen_a.rejects[0]
         forger_scope.cancel()
+        await trio.sleep(PULSE)  # until its sockets are closed: a port is bound only once
 
         genuine = node2(port, Seen())
         genuine.announce({"state": "SECOND"})
@@ -642,5 +653,85 @@ def test_junk_rejected_and_the_receiver_goes_on(port: int) -> None:
         await start(nursery, genuine)
         await until(lambda: seen_a.payloads()[-1] == {"state": "SECOND"})
         assert len(seen_a.rejects) == len(JUNK)
+
+    run_test(body)
+
+
+# ---------------------------------------------------------------- rejections rate-limited
+
+
+def test_reject_reports_once_per_interval_per_kind() -> None:
+    reported: list[str] = []
+    reports = _RejectReports(reported.append, interval=10.0)
+    reports.reject("mac", "mac 1", now=0.0)
+    reports.reject("magic", "magic 1", now=0.0)  # another kind: reported at once
+    for i in range(2, 60):
+        reports.reject("mac", f"mac {i}", now=i / 10)
+    assert reported == ["mac 1", "magic 1"]
+    assert reports.next_flush() == 10.0
+    reports.flush(9.9)
+    assert reported == ["mac 1", "magic 1"]
+    reports.flush(10.0)
+    # magic's window counted nothing: it closes without a line
+    assert reported[2:] == ["mac 59 (and 57 more rejected in the last 10 s)"]
+    assert reports.next_flush() == 20.0  # the flood may go on: a new window for mac
+    reports.reject("magic", "magic 2", now=11.0)
+    reports.reject("mac", "mac 60", now=12.0)
+    assert reported[3:] == ["magic 2"]
+    reports.flush(20.0)
+    assert reported[4:] == ["mac 60"]  # one suppressed: no count to add
+    reports.flush(30.0)
+    reports.reject("mac", "mac 61", now=30.0)  # a quiet window closed: at once again
+    reports.reject("mac", "mac 62", now=31.0)
+    assert reported[5:] == ["mac 61"]
+    reports.flush(math.inf)  # the daemon stops: what was counted is not lost
+    assert reported[6:] == ["mac 62"]
+    assert reports.next_flush() == math.inf
+
+
+def test_rejections_flood_reported_with_a_count(
+    port: int, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(heartbeat, "REJECT_REPORT_INTERVAL", 1.0)
+    seen_a = Seen()
+
+    async def body(nursery: trio.Nursery) -> None:
+        a = node1(port, seen_a)
+        await start(nursery, a)
+        for _ in range(30):
+            await send_raw(b"x" * 100, A_LAN1.local_addr, port)
+        for _ in range(5):
+            await send_raw(b"", A_LAN1.local_addr, port)
+        await until(lambda: len(seen_a.rejects) >= 2, within=0.5)
+        assert len(seen_a.rejects) == 2  # the first of each kind, at once
+        assert "bad magic" in seen_a.rejects[0] and "truncated" in seen_a.rejects[1]
+        await until(lambda: len(seen_a.rejects) == 4, within=2.0)
+        counts = sorted(r.rsplit("(and ", 1)[1] for r in seen_a.rejects[2:])
+        assert counts == [
+            "28 more rejected in the last 1 s)",
+            "3 more rejected in the last 1 s)",
+        ]
+        await trio.sleep(1.3)
+        assert len(seen_a.rejects) == 4  # the flood stopped: nothing more to say
+        await send_raw(b"x" * 100, A_LAN1.local_addr, port)
+        await until(lambda: len(seen_a.rejects) == 5, within=1.0)  # at once again
+
+    with caplog.at_level(logging.DEBUG, logger="controller.heartbeat"):
+        run_test(body)
+    logged = [r for r in caplog.records if "heartbeat rejected" in r.getMessage()]
+    assert len(logged) == 36  # each one is in the debug log
+
+
+# ---------------------------------------------------------------- port clash
+
+
+def test_port_clash_fails_at_bind(port: int) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        await start(nursery, node1(port, Seen()))
+        other = make_node(
+            port, Seen(), node="node1", peer="node2", networks=[A_LAN1], module="other"
+        )
+        with pytest.raises(HeartbeatError, match=rf"lan1: cannot bind 127\.0\.0\.1:{port}"):
+            await other.run()
 
     run_test(body)
