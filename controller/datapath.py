@@ -29,6 +29,7 @@ import trio
 
 from hafs import status
 from hafs.mountinfo import force_unmount, is_fuse_mounted
+from hafs.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -276,16 +277,17 @@ class DataPath:
 
     async def start_replicas(self, stale: bool) -> None:
         """Serve the primary's stream. `stale`: this copy is not up to date (the state
-        machine's record): forget what an earlier replica session said about it, so only a
-        completed resync can mark it synchronised again."""
+        machine's record)."""
         if self.replicas:
             return
         for i, d in enumerate(self.dirs):
             proc = self._replica_process(i, d)
             await proc.stop_orphan()  # an earlier daemon's would hold the port
-            if stale:
-                shutil.rmtree(d.replica_state, ignore_errors=True)
             d.replica_state.mkdir(parents=True, exist_ok=True)
+            if stale:
+                # Only a completed resync may mark this copy synchronised again; the token of
+                # its last session stays, so the primary's journal can still narrow the resync.
+                StateStore(d.replica_state).update(uptodate=False)
             proc.start()
             self.replicas.append(proc)
             await proc.wait_ready(lambda s: True)

@@ -5,6 +5,10 @@ record per line. A record is made durable *before* the local change it describes
 crash can lose a journal line only for a change that never happened (I5). Data ranges are
 recorded per 1 MiB chunk and deduplicated, so a database rewriting the same pages pays one
 fdatasync per chunk, not one per write. A completed resync clears it (hafs.resync).
+
+A sentinel file (`<journal>.live`) exists while a process has the journal open. Found at
+open with records in the journal, the last process died without closing it: the journal is
+marked unclean, so the next resync compares everything rather than trusting it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hafs.manifest import Scope
+
 CHUNK = 1 << 20
 
 
@@ -22,7 +28,8 @@ CHUNK = 1 << 20
 class JournalRecord:
     # "data" (chunk changed), "truncate" (size changed; chunk = first chunk affected),
     # "meta" (mode, owner, times, xattrs), "entry" (a name created/removed/renamed under
-    # the directory), "unclean" (a crash while mirroring: the whole tree needs checking)
+    # the directory), "moved" (an entry renamed to this path: its whole subtree changed
+    # place), "unclean" (a crash while mirroring: the whole tree needs checking)
     kind: str
     path: str
     ino: int
@@ -39,6 +46,10 @@ class Journal:
         if os.fstat(self._fd).st_size > complete:
             # Drop a torn last line, or the next record would be glued to it and lost.
             os.ftruncate(self._fd, complete)
+        self._live = path.with_name(path.name + ".live")
+        if self._live.exists() and self._records:
+            self.record("unclean", "", 0)  # died while journaling: a crash, never trusted
+        _create_durably(self._live)
 
     def _load(self) -> int:
         """Read the records; return the length of the journal up to its last complete line."""
@@ -98,5 +109,47 @@ class Journal:
     def paths(self) -> list[str]:
         return sorted({r.path for r in self._records})
 
+    @property
+    def unclean(self) -> bool:
+        """Whether something may have changed that the records do not name."""
+        return ("unclean", "", -1) in self._seen
+
+    def scope(self) -> Scope:
+        """What changed, as the records name it: paths, directories whose entries changed,
+        and entries moved (whose subtrees must be compared whole).
+
+        Names of unlinked inodes ("<unlinked inode N>") are left out: their unlink is an
+        "entry" record of their directory, and their content is in no tree.
+        """
+        by_kind: dict[str, set[str]] = {"entry": set(), "moved": set(), "": set()}
+        for r in self._records:
+            if _named(r.path):
+                by_kind.get(r.kind, by_kind[""]).add(r.path)
+        return Scope(
+            frozenset(by_kind[""]), frozenset(by_kind["entry"]), frozenset(by_kind["moved"])
+        )
+
+    def chunks(self, path: str) -> tuple[set[int], int]:
+        """(data chunks recorded for path, first chunk a truncate affected or -1)."""
+        data = {r.chunk for r in self._records if r.path == path and r.kind == "data"}
+        cuts = [r.chunk for r in self._records if r.path == path and r.kind == "truncate"]
+        return data, min(cuts, default=-1)
+
     def close(self) -> None:
+        """A clean stop: the records say everything that changed."""
         os.close(self._fd)
+        self._live.unlink(missing_ok=True)
+
+
+def _named(path: str) -> bool:
+    return bool(path) and not path.startswith("<")
+
+
+def _create_durably(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -5,6 +5,10 @@ preserve: type, permission bits, owner, size, mtime, content checksum, symlink t
 extended attributes and hard-link structure. Two nodes build manifests of their trees, one
 sends its manifest over the wire (`to_bytes` / `from_bytes`) and `compare` lists the
 differences.
+
+A partial manifest (`build_partial`, for a resync driven by the ALONE journal) covers only
+the paths of a `Scope`, each resolved under the root without following symlinks, and says
+which of its files have hard links it does not list (`Partial.loose`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # entries are skipped rather than failing the whole walk.
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EINVAL})
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.ENOENT})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ManifestError(ValueError):
@@ -67,6 +72,68 @@ class Entry:
 # ---------------------------------------------------------------------------- building
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a partial manifest covers (paths relative to the root, "." for the root)."""
+
+    paths: frozenset[str] = frozenset()  # the entries themselves
+    dirs: frozenset[str] = frozenset()  # the directories and their children
+    trees: frozenset[str] = frozenset()  # the entries and everything under them
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"paths": sorted(self.paths), "dirs": sorted(self.dirs), "trees": sorted(self.trees)}
+
+    @classmethod
+    def from_json(cls, doc: object) -> Scope:
+        """Parse `to_json` output; raises ManifestError on anything malformed."""
+        if not isinstance(doc, dict):
+            raise ManifestError("scope is not an object")
+        lists = [doc.get(k, []) for k in ("paths", "dirs", "trees")]
+        for items in lists:
+            if not isinstance(items, list) or not all(type(i) is str for i in items):
+                raise ManifestError("scope must hold lists of paths")
+            for path in items:
+                check_path(path)
+        return cls(*(frozenset(items) for items in lists))
+
+
+@dataclass
+class Partial:
+    entries: dict[str, Entry]
+    loose: set[str]  # hard-linked files with names outside the entries
+    session: str = ""  # the replica's completed session (see hafs.state), if any
+
+
+def check_path(path: str) -> None:
+    """A relative path of plain components: no way out of the root, nothing to normalise."""
+    if path == ".":
+        return
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(c in ("", ".", "..") for c in parts):
+        raise ManifestError(f"bad path {path!r}")
+
+
+def build_partial(root: int, scope: Scope) -> Partial:
+    """Manifest of the scope's paths in the tree at `root` (an fd; O_PATH allowed).
+
+    Paths that do not exist, or lead through a symlink, a non-directory or another file
+    system, are simply absent, as they would be from a whole-tree walk.
+    """
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+    try:
+        walk = _Walk(os.fstat(fd))
+        for path in sorted(scope.trees):
+            walk.subtree(fd, path)
+        for path in sorted(scope.dirs):
+            walk.children(fd, path)
+        for path in sorted(scope.paths):
+            walk.single(fd, path)
+        walk._group_links()
+        return Partial(walk.entries, walk.loose())
+    finally:
+        os.close(fd)
+
+
 def build_manifest(root: str | int) -> dict[str, Entry]:
     """Manifest of the tree at `root`, a path or an open directory fd (O_PATH allowed)."""
     if isinstance(root, int):
@@ -90,12 +157,18 @@ class _Walk:
         # recorded when visited, where fwalk hands us an fd for their xattrs.
         self.dir_stats: dict[str, os.stat_result] = {".": root_st}
         self.links: dict[int, list[str]] = {}
+        self.nlinks: dict[int, int] = {}
         self.buf = bytearray(CHUNK)
 
-    def run(self, root_fd: int) -> dict[str, Entry]:
+    def run(self, root_fd: int, prefix: str = ".") -> dict[str, Entry]:
         walk = os.fwalk(".", dir_fd=root_fd, follow_symlinks=False, onerror=_raise_unless_gone)
         for dirpath, dirnames, filenames, dirfd in walk:
             rel = dirpath.removeprefix("./")
+            if prefix != ".":
+                rel = prefix if rel == "." else f"{prefix}/{rel}"
+            if rel in self.entries:
+                dirnames[:] = []  # already walked (a tree inside another one of the scope)
+                continue
             st = self.dir_stats.pop(rel, None) or os.fstat(dirfd)
             self.entries[rel] = _entry(rel, st, xattrs=_xattrs(dirfd))
             dirnames[:] = [n for n in dirnames if self._keep_dir(dirfd, rel, n)]
@@ -103,6 +176,100 @@ class _Walk:
                 self._leaf(dirfd, _join(rel, name), name)
         self._group_links()
         return self.entries
+
+    # -- partial walks: each path resolved from the root, component by component --------
+
+    def subtree(self, root_fd: int, path: str) -> None:
+        if path == ".":
+            self.run(root_fd)
+            return
+        parent = self._open_dir(root_fd, parent_path(path))
+        if parent is None:
+            return
+        try:
+            name = path.rpartition("/")[2]
+            st = _lstat(parent, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                sub = self._open_dir(parent, name)
+                if sub is not None:
+                    self.dir_stats[path] = st
+                    try:
+                        self.run(sub, path)
+                    finally:
+                        os.close(sub)
+            else:
+                self._leaf(parent, path, name, st)
+        finally:
+            os.close(parent)
+
+    def children(self, root_fd: int, path: str) -> None:
+        fd = self._open_dir(root_fd, path)
+        if fd is None:
+            return
+        try:
+            self._dir_entry(fd, path)
+            for name in os.listdir(fd):
+                self._child(fd, _join(path, name), name)
+        finally:
+            os.close(fd)
+
+    def single(self, root_fd: int, path: str) -> None:
+        if path == ".":
+            self._dir_entry(root_fd, ".")
+            return
+        parent = self._open_dir(root_fd, parent_path(path))
+        if parent is not None:
+            try:
+                self._child(parent, path, path.rpartition("/")[2])
+            finally:
+                os.close(parent)
+
+    def _child(self, dirfd: int, path: str, name: str) -> None:
+        if path in self.entries:
+            return
+        st = _lstat(dirfd, name)
+        if st is None or st.st_dev != self.dev or not stat.S_ISDIR(st.st_mode):
+            self._leaf(dirfd, path, name, st)
+            return
+        fd = self._open_dir(dirfd, name)
+        if fd is not None:
+            try:
+                self._dir_entry(fd, path)
+            finally:
+                os.close(fd)
+
+    def _dir_entry(self, fd: int, path: str) -> None:
+        if path not in self.entries:
+            self.entries[path] = _entry(path, os.fstat(fd), xattrs=_xattrs(fd))
+
+    def _open_dir(self, dirfd: int, path: str) -> int | None:
+        """Open a directory below dirfd, following no symlink and crossing no mount."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+        for name in [] if path == "." else path.split("/"):
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in _GONE:
+                    os.close(fd)
+                    raise
+                sub = -1
+            os.close(fd)
+            if sub < 0:
+                return None
+            fd = sub
+            if os.fstat(fd).st_dev != self.dev:
+                os.close(fd)
+                return None
+        return fd
+
+    def loose(self) -> set[str]:
+        """Files whose inode has more names than this walk saw."""
+        return {
+            path
+            for ino, paths in self.links.items()
+            if len(paths) < self.nlinks[ino]
+            for path in paths
+        }
 
     def _keep_dir(self, dirfd: int, rel: str, name: str) -> bool:
         """Whether to descend into `name`; fwalk lists symlinks to directories here too."""
@@ -121,6 +288,8 @@ class _Walk:
             st = _lstat(dirfd, name)
         if st is None or st.st_dev != self.dev or stat.S_ISDIR(st.st_mode):
             return  # gone, another file system, or a directory created after the listing
+        if path in self.entries:
+            return  # named twice by a partial scope
         if stat.S_ISREG(st.st_mode):
             entry = self._file(dirfd, path, name)
         elif stat.S_ISLNK(st.st_mode):
@@ -149,6 +318,7 @@ class _Walk:
             os.close(fd)
         if fst.st_nlink > 1:
             self.links.setdefault(fst.st_ino, []).append(path)
+            self.nlinks[fst.st_ino] = fst.st_nlink
         # fstat, not the earlier lstat: it describes the inode whose content was read.
         return _entry(path, fst, digest=digest, xattrs=xattrs)
 
@@ -192,6 +362,11 @@ def _symlink(dirfd: int, path: str, name: str, st: os.stat_result) -> Entry | No
         raise
     # No xattrs: user.* is not allowed on symlinks, and the peer may not preserve others.
     return _entry(path, st, target=target)
+
+
+def parent_path(path: str) -> str:
+    head, sep, _ = path.rpartition("/")
+    return head if sep else "."
 
 
 def _join(rel: str, name: str) -> str:
@@ -319,9 +494,13 @@ _ROW_TYPES: tuple[tuple[str, type], ...] = (
 )
 
 
-def to_bytes(m: dict[str, Entry]) -> bytes:
+def to_bytes(m: dict[str, Entry], loose: set[str] | None = None, session: str = "") -> bytes:
     rows = [_row(m[p]) for p in sorted(m)]
-    doc = {"version": FORMAT_VERSION, "entries": rows}
+    doc: dict[str, Any] = {"version": FORMAT_VERSION, "entries": rows}
+    if loose is not None:  # a partial manifest
+        doc["loose"] = sorted(loose)
+    if session:
+        doc["session"] = session
     # ensure_ascii: non-UTF-8 file names live in str as lone surrogates, which JSON escapes
     # survive but a UTF-8 encoding would not.
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -335,12 +514,31 @@ def _row(e: Entry) -> list[Any]:
 
 def from_bytes(b: bytes) -> dict[str, Entry]:
     """Parse `to_bytes` output; raises ManifestError on anything malformed."""
+    return _entries(_document(b))
+
+
+def partial_from_bytes(b: bytes) -> Partial:
+    """Parse `to_bytes` output with its partial-manifest fields."""
+    doc = _document(b)
+    loose, session = doc.get("loose", []), doc.get("session", "")
+    if not isinstance(loose, list) or not all(type(p) is str for p in loose):
+        raise ManifestError("manifest 'loose' must be a list of paths")
+    if type(session) is not str:
+        raise ManifestError("manifest 'session' must be a string")
+    return Partial(_entries(doc), set(loose), session)
+
+
+def _document(b: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(b)
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         raise ManifestError(f"manifest is not a version {FORMAT_VERSION} manifest object")
+    return doc
+
+
+def _entries(doc: dict[str, Any]) -> dict[str, Entry]:
     rows = doc.get("entries")
     if not isinstance(rows, list):
         raise ManifestError("manifest has no 'entries' list")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
@@ -125,7 +126,7 @@ class ReplicaServer:
             frames = wire.recv_frames(conn, reader)
             if not frames or frames[0].ftype is not p.FrameType.MANIFEST_REQ:
                 raise p.ProtocolError("expected a manifest request")
-            data = manifest.to_bytes(manifest.build_manifest(self.root_fd))
+            data = self._manifest(bytes(frames[0].payload))
             for start in range(0, len(data), MANIFEST_CHUNK):
                 conn.sendall(
                     b"".join(
@@ -133,8 +134,35 @@ class ReplicaServer:
                     )
                 )
             conn.sendall(b"".join(writer.seal(p.FrameType.MANIFEST)))
-        except (p.ProtocolError, OSError) as e:
+        except (p.ProtocolError, OSError, manifest.ManifestError) as e:
             log.warning("verify request from %s failed: %s", peer, e)
+
+    def _manifest(self, request: bytes) -> bytes:
+        """The whole tree's manifest, or (a scope in the request) a partial one.
+
+        A partial one carries the token of the last session this copy completed, if the
+        copy is still that session's: the primary then trusts its journal (hafs.resync).
+        """
+        if not request:
+            return manifest.to_bytes(manifest.build_manifest(self.root_fd))
+        try:
+            scope = manifest.Scope.from_json(json.loads(request))
+        except ValueError as e:  # ManifestError included
+            raise p.ProtocolError(f"malformed manifest request: {e}") from e
+        part = manifest.build_partial(self.root_fd, scope)
+        return manifest.to_bytes(part.entries, part.loose, self.completed_session())
+
+    def root_id(self) -> str:
+        st = os.fstat(self.root_fd)
+        return f"{st.st_dev}:{st.st_ino}"
+
+    def completed_session(self) -> str:
+        """The token of the last session completed on this very directory, or ""."""
+        current = self.state.current
+        token, _, root = current.replica_of.rpartition("@")
+        if not token or not current.uptodate or root != self.root_id():
+            return ""  # another directory now (replaced), or behind since
+        return token
 
 
 class MirrorSession:
@@ -161,7 +189,9 @@ class MirrorSession:
         state = self.server.state
         # Until this session's RESYNC_DONE, the copy may be anything between the old one
         # and the primary's: a crash in between must not leave it claiming to be up to date.
-        state.update(role="replica", session_open=True, uptodate=False)
+        # Nor may it claim any earlier session's copy (replica_of): ops of this one follow.
+        # A mount's token kept in this state directory is void too: it applies here no more.
+        state.update(role="replica", session_open=True, uptodate=False, replica_of="", session="")
         clean = False
         try:
             clean = self._loop()
@@ -237,7 +267,9 @@ class MirrorSession:
         being applied and acknowledged meanwhile; SYNCED answers it.
         """
         try:
-            (copied,) = p.RESYNC_BODY.unpack(frame.payload)
+            (copied,) = p.RESYNC_BODY.unpack_from(frame.payload)
+            # Then the mount's session token (hafs.state), absent from older mounts.
+            token = bytes(frame.payload[p.RESYNC_BODY.size :]).hex()
         except struct.error as e:
             raise p.ProtocolError(f"malformed RESYNC_DONE: {e}") from e
         if not copied and not self.was_uptodate:
@@ -245,9 +277,9 @@ class MirrorSession:
             # its last session; this copy was already behind before that.
             log.warning("stream from %s: copy not up to date, it needs a resync", self.peer)
             return
-        self.syncs.submit(self._sync_copy, frame.seq, bool(copied))
+        self.syncs.submit(self._sync_copy, frame.seq, bool(copied), token)
 
-    def _sync_copy(self, seq: int, copied: bool) -> None:
+    def _sync_copy(self, seq: int, copied: bool, token: str = "") -> None:
         try:
             fd = os.open(f"/proc/self/fd/{self.server.root_fd}", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -262,7 +294,8 @@ class MirrorSession:
         with self.verdict_lock:
             if self.failed:
                 return
-            self.server.state.update(uptodate=True)
+            replica_of = f"{token}@{self.server.root_id()}" if token else ""
+            self.server.state.update(uptodate=True, replica_of=replica_of)
             self.server.stats.synced = True
         log.info("stream from %s: copy %s", self.peer, "resynchronised" if copied else "in sync")
         with contextlib.suppress(OSError):  # a broken stream is noticed by the main loop

@@ -18,6 +18,7 @@ import heapq
 import itertools
 import logging
 import os
+import secrets
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from enum import StrEnum
 
 import trio
 
-from hafs import ops
+from hafs import _libc, ops
 from hafs import protocol as p
 from hafs.journal import Journal
 from hafs.state import StateStore
@@ -100,6 +101,11 @@ class Replicator:
         self.sent_ops = 0
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED
+        self._token = b""  # the running resync's session token (hafs.state `session`)
+        if state.current.replica_of:
+            # This directory now changes under a mount: it no longer is the copy some other
+            # primary's session left, whatever that primary's journal says.
+            state.update(replica_of="")
 
     # -- called by the file system handlers ----------------------------------------------
 
@@ -146,12 +152,33 @@ class Replicator:
         op changes, for the journal if it is still in flight when the peer fails.
         """
         if self.mode is not Mode.MIRROR or self._writer is None:
+            if frame.op is ops.Op.RENAME:
+                self._journal_moved(frame)
             return 0
         seq = self._send_op(frame)
         if kind:
             self._inflight.append(Change(seq, kind, ino, offset, length))
             self._inflight.extend(Change(seq, kind, other, 0, 0) for other in also)
         return seq
+
+    def _journal_moved(self, frame: ops.OpFrame) -> None:
+        """After a rename while ALONE: the entry now at the new name (and, exchanged, at
+        the old one) must be compared whole by the resync; its parents' "entry" records
+        only say that names changed there.
+
+        After the change, not before: a crash in between leaves the journal unclean
+        (hafs.journal), and then the resync trusts none of it.
+        """
+        if self.mode is not Mode.ALONE and self.mode is not Mode.RESYNC:
+            return
+        old_parent, new_parent, flags = frame.ints[:3]
+        moved = [(new_parent, frame.blobs[1])]
+        if flags & _libc.RENAME_EXCHANGE:
+            moved.append((old_parent, frame.blobs[0]))
+        for parent, name in moved:
+            where = self.path_of(parent)
+            path = os.fsdecode(name) if where == "." else f"{where}/{os.fsdecode(name)}"
+            self.journal.record("moved", path, parent)
 
     def send_copy(self, frame: ops.OpFrame) -> int:
         """Queue one op of a resync's copy; raises ResyncInterrupted once the stream ended.
@@ -305,7 +332,9 @@ class Replicator:
         log.info("mirroring to %s", self._peer_text())
         # This mount was MIRROR when it last stopped, cleanly: it missed nothing, so the
         # replica may count itself synchronised (if it was up to date before).
-        self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(0)])
+        # Its token too: the replica's copy goes on being that session's.
+        token = bytes.fromhex(self.state.current.session)
+        self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(0), token])
 
     async def open_session(self) -> None:
         """Connect and authenticate to the replica, then run the stream's tasks."""
@@ -439,6 +468,7 @@ class Replicator:
         self.mode = Mode.RESYNC
         # A crash from here on leaves the peer's copy half-way: the next start says unclean.
         self.state.update(session_open=True)
+        self._token = secrets.token_bytes(16)
 
     def finish_resync(self) -> int:
         """The copy is queued: mark it complete and mirror every change from here on.
@@ -448,7 +478,7 @@ class Replicator:
         """
         if self.mode is not Mode.RESYNC or self._writer is None:
             raise ResyncInterrupted(self.reason or f"mode is {self.mode.value}")
-        seq = self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(1)])
+        seq = self._send_frame(p.FrameType.RESYNC_DONE, [p.RESYNC_BODY.pack(1), self._token])
         self.mode = Mode.MIRROR
         self.reason = ""
         self.resume_changes()
@@ -465,7 +495,11 @@ class Replicator:
         if self.mode is not Mode.MIRROR:
             raise ResyncInterrupted(self.reason)
         self.journal.clear()
-        self.state.update(role="mount", mode=Mode.MIRROR.value, session_open=True)
+        # The replica persisted this token with the copy (before SYNCED): from here the
+        # journal, empty, names every difference from its copy (hafs.resync trusts it).
+        self.state.update(
+            role="mount", mode=Mode.MIRROR.value, session_open=True, session=self._token.hex()
+        )
         log.info("resync done: mirroring to %s", self._peer_text())
 
     def abort_resync(self, reason: str) -> None:

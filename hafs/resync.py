@@ -1,11 +1,13 @@
 """The resync: make the replica's copy identical to the primary's tree, then mirror (I6).
 
-First version (docs/datapath.md): the whole trees are compared through their manifests
-(hafs.manifest), and mutating calls wait while what differs is sent; reads go on. The steps:
+Mutating calls wait while what differs is sent; reads go on (docs/datapath.md). The steps:
 
-1. fetch the replica's manifest (a VERIFY connection; calls still go on, journaled);
+1. decide whether the ALONE journal can be trusted (`_untrusted`): then only the paths it
+   names are compared; otherwise fetch the replica's whole manifest (a VERIFY connection;
+   calls still go on, journaled);
 2. open a MIRROR session and pause mutating calls: from here the primary's tree is still;
-3. build the primary's manifest and `plan_resync`: what to remove, create, rewrite, fix;
+3. build the primary's manifest (whole, or partial manifests of the journaled paths on both
+   sides, `_narrowed`) and `plan_resync`: what to remove, create, rewrite, fix;
 4. `TreeCopy` sends it with the ordinary ops, named by the primary's inode numbers as the
    mount names them, so the replica's Applier (and its confinement, I4) does all the work;
 5. bind every inode the mount's node table knows, send RESYNC_DONE, switch to MIRROR and
@@ -30,6 +32,7 @@ import trio
 
 from hafs import manifest, wire
 from hafs import protocol as p
+from hafs.journal import Journal
 from hafs.manifest import Entry
 from hafs.ops import ROOT_INO, FileTimes, Op, OpFrame
 from hafs.replicator import Mode, Replicator, ResyncInterrupted
@@ -72,6 +75,8 @@ class ResyncReport:
     created: int = 0
     updated: int = 0  # entries kept whose metadata was set again
     skipped: list[str] = field(default_factory=list)  # device nodes: no replica makes them
+    journal: bool = False  # only the paths the ALONE journal names were compared
+    full_reason: str = ""  # why the whole trees were compared instead
 
     def reply(self) -> dict[str, object]:
         return asdict(self)
@@ -243,8 +248,11 @@ class TreeCopy:
         local: dict[str, Entry],
         remote: dict[str, Entry],
         report: ResyncReport,
+        ranges: dict[str, set[int]] | None = None,
     ) -> None:
         self.rep = rep
+        # Files whose only changes are journaled chunks: only those chunks are sent.
+        self.ranges = ranges or {}
         self.root_fd = root_fd
         self.root_st_ino = root_st_ino
         self.local = local
@@ -260,6 +268,14 @@ class TreeCopy:
     def ino(self, entry: Entry) -> int:
         """The mount's name for an entry: its st_ino, but ROOT_INO for the root."""
         return ROOT_INO if entry.ino == self.root_st_ino else entry.ino
+
+    def path_ino(self, path: str) -> int:
+        """The mount's name for a path; a partial manifest may lack its ancestors."""
+        entry = self.local.get(path)
+        if entry is not None:
+            return self.ino(entry)
+        st = os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)  # the tree is still
+        return ROOT_INO if st.st_ino == self.root_st_ino else st.st_ino
 
     # -- sending, paced by the replica's acks -------------------------------------------
 
@@ -295,7 +311,7 @@ class TreeCopy:
         def ino_of(path: str) -> int:
             if path in gone:  # only on the replica: no inode of the primary's to use
                 return names.setdefault(path, next(temporary))
-            return self.ino(self.local[path])
+            return self.path_ino(path)
 
         binder = _Binder(self.send, ino_of)
         for path in plan.remove:
@@ -307,7 +323,7 @@ class TreeCopy:
         binder.release()
 
     async def _update(self, plan: ResyncPlan) -> None:
-        binder = _Binder(self.send, lambda path: self.ino(self.local[path]))
+        binder = _Binder(self.send, self.path_ino)
         for path in plan.updates():
             if path in plan.create:
                 await self._create(binder, path)
@@ -320,7 +336,7 @@ class TreeCopy:
 
     async def _set_dir_times(self, dirs: Iterable[str]) -> None:
         """Last: making and removing names changed the directories' times on the replica."""
-        binder = _Binder(self.send, lambda path: self.ino(self.local[path]))
+        binder = _Binder(self.send, self.path_ino)
         for path in dirs:
             ino = binder.enter(path)
             self.send(OpFrame(Op.TIMES, times=(self._times(ino, path),)))
@@ -366,7 +382,9 @@ class TreeCopy:
             return
         ino = self.ino(entry)
         self.send(OpFrame(Op.BIND, (ino, binder.enter(parent_of(path))), (_name(path),)))
-        if rewrite and ino not in self._written:
+        if rewrite and path in self.ranges:
+            await self._copy_chunks(path, ino, entry.size, self.ranges[path])
+        elif rewrite and ino not in self._written:
             await self._copy_content(path, ino, entry.size, truncate=True)
         elif not rewrite:
             self.report.updated += 1
@@ -406,6 +424,21 @@ class TreeCopy:
         self._written.add(ino)
         self.report.files_copied += 1
 
+    async def _copy_chunks(self, path: str, ino: int, size: int, chunks: set[int]) -> None:
+        """Send only these 1 MiB chunks: the rest of the replica's file is already ours."""
+        self.send(OpFrame(Op.TRUNCATE, (ino, size)))
+        fd = _open_for_copy(self.root_fd, path)
+        try:
+            for chunk in sorted(c for c in chunks if c * CHUNK < size):
+                data = await trio.to_thread.run_sync(os.pread, fd, CHUNK, chunk * CHUNK)
+                self.send(OpFrame(Op.WRITE, (ino, chunk * CHUNK), (data,)))  # zeros too
+                self.report.bytes_sent += len(data)
+                await self.pace()
+        finally:
+            os.close(fd)
+        self._written.add(ino)
+        self.report.files_copied += 1
+
     def _set_metadata(self, ino: int, entry: Entry, old: Entry) -> None:
         owner_changed = (entry.uid, entry.gid) != (old.uid, old.gid)
         if owner_changed:
@@ -430,30 +463,50 @@ class TreeCopy:
 
     # -- the mount's inodes ---------------------------------------------------------------
 
-    def bind_known(self, nodes: dict[int, Node]) -> None:
+    def bind_known(
+        self, nodes: dict[int, Node], path_of: Callable[[int], str] | None = None
+    ) -> None:
         """Bind every inode the mount's node table knows, so later ops resolve on the replica.
 
         No await: called in the same step as the switch to MIRROR, so the table cannot
         change in between (lookups made before are in it, later ones send their BIND).
+        With a partial manifest, `path_of` (the node table's own names) names the rest.
         """
         where: dict[int, str] = {}  # any of an inode's names will do: all exist now
         for path, entry in self.local.items():
             where.setdefault(self.ino(entry), path)
         known = frozenset(nodes) - {ROOT_INO}
-        binder = _Binder(self.send, lambda path: self.ino(self.local[path]), keep=known)
+        if path_of is not None:
+            for ino in known - where.keys():
+                path = path_of(ino)
+                if not path.startswith("<") and self._names(path, ino):
+                    where[ino] = path
+        binder = _Binder(self.send, self.path_ino, keep=known)
         for path in sorted((where[ino] for ino in known if ino in where), key=dfs_key):
-            entry = self.local[path]
-            if entry.kind == "dir":
+            if self._is_dir(path):
                 binder.enter(path)
             else:
                 parent = binder.enter(parent_of(path))
-                self.send(OpFrame(Op.BIND, (self.ino(entry), parent), (_name(path),)))
+                self.send(OpFrame(Op.BIND, (self.path_ino(path), parent), (_name(path),)))
         binder.release()
         unnamed = [(ino, nodes[ino]) for ino in known if ino not in where]
         for ino, node in unnamed:
             self._stand_in(ino, node)
         if unnamed:  # making and removing stand-ins changed the root's times
             self.send(OpFrame(Op.TIMES, times=(self._times(ROOT_INO, "."),)))
+
+    def _names(self, path: str, ino: int) -> bool:
+        try:
+            return self.path_ino(path) == ino
+        except OSError:
+            return False
+
+    def _is_dir(self, path: str) -> bool:
+        entry = self.local.get(path)
+        if entry is not None:
+            return entry.kind == "dir"
+        st = os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)
+        return stat.S_ISDIR(st.st_mode)
 
     def _stand_in(self, ino: int, node: Node) -> None:
         """An inode the tree no longer names (unlinked, still open): make one on the replica
@@ -522,40 +575,198 @@ async def rejoin(rep: Replicator, mount: HafsOperations) -> ResyncReport:
 
 async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport) -> None:
     """The steps of the module docstring."""
-    assert rep.peer is not None and rep.key is not None
-    _progress(rep, report, "fetching the replica's manifest")
-    fetch = functools.partial(
-        wire.fetch_manifest, rep.peer, rep.key, max(rep.timeout, 2.0), MANIFEST_BUILD_TIMEOUT
-    )
-    remote = await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+    _progress(rep, report, "checking the journal")
+    report.full_reason = await _untrusted(rep)
+    remote: dict[str, Entry] | None = None
+    if report.full_reason:
+        remote = await _fetch_whole(rep, report)
     _progress(rep, report, "connecting")
     await rep.open_session()
     rep.pause_changes()
-    _progress(rep, report, "reading the primary's tree")
     root_fd = mount.nodes[ROOT_INO].fd
-    local = await trio.to_thread.run_sync(manifest.build_manifest, root_fd, abandon_on_cancel=True)
+    local: dict[str, Entry] | None = None
+    narrowed: Narrowed | None = None
+    if remote is None:
+        _progress(rep, report, "comparing the journaled paths")
+        found = await _narrowed(rep, root_fd)
+        if isinstance(found, str):  # the journal cannot say it all: compare everything
+            report.full_reason = found
+            remote = await _fetch_whole(rep, report)
+        else:
+            narrowed, local, remote = found, found.local, found.remote
+    if local is None:
+        _progress(rep, report, "reading the primary's tree")
+        local = await trio.to_thread.run_sync(
+            manifest.build_manifest, root_fd, abandon_on_cancel=True
+        )
+    report.journal = narrowed is not None
     report.files_checked = len(local)
     plan = await trio.to_thread.run_sync(plan_resync, local, remote)  # reads go on
     # From here the peer's copy is neither its old self nor ours until RESYNC_DONE is
     # answered (which clears the journal): if this resync fails, only a whole comparison
     # can tell what it holds.
     rep.journal.record("unclean", "", 0)
-    copy = TreeCopy(rep, root_fd, mount.root_st_ino, local, remote, report)
+    ranges = narrowed.ranges(rep.journal, plan) if narrowed else None
+    copy = TreeCopy(rep, root_fd, mount.root_st_ino, local, remote, report, ranges)
     _progress(rep, report, "copying")
     await copy.run(plan)
-    copy.bind_known(mount.nodes)
+    copy.bind_known(mount.nodes, mount.path_of if narrowed else None)
     marker = rep.finish_resync()
     _progress(rep, report, "waiting for the replica")
     await rep.confirm_mirror(marker)
+
+
+async def _fetch_whole(rep: Replicator, report: ResyncReport) -> dict[str, Entry]:
+    assert rep.peer is not None and rep.key is not None
+    log.info("resync: comparing the whole trees: %s", report.full_reason)
+    _progress(rep, report, "fetching the replica's manifest")
+    fetch = functools.partial(
+        wire.fetch_manifest, rep.peer, rep.key, max(rep.timeout, 2.0), MANIFEST_BUILD_TIMEOUT
+    )
+    return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+
+
+async def _fetch_partial(rep: Replicator, scope: manifest.Scope) -> manifest.Partial:
+    assert rep.peer is not None and rep.key is not None
+    fetch = functools.partial(wire.fetch_partial, rep.peer, rep.key, max(rep.timeout, 2.0), scope)
+    return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+
+
+# ---------------------------------------------------------------------------- the journal
+
+
+async def _untrusted(rep: Replicator) -> str:
+    """Why the ALONE journal cannot say what differs on the replica ("" if it can).
+
+    It can when it names every change since the replica's copy was last identical to
+    ours: no crash or interrupted resync since (no "unclean" record), and the replica's
+    copy is still the one our last completed session left (the session token it
+    persisted with RESYNC_DONE, which it reports only while its copy is that session's:
+    not after another session, a mount on it, a refused op, or if its directory was
+    replaced). Asked before our session opens, since opening one voids the token.
+    """
+    if rep.journal.unclean:
+        return "the journal is unclean (a crash, or a resync interrupted mid-copy)"
+    ours = rep.state.current.session
+    if not ours:
+        return "no completed session with the replica to start the journal from"
+    theirs = (await _fetch_partial(rep, manifest.Scope())).session
+    if theirs != ours:
+        return "the replica's copy is not the one the journal starts from"
+    return ""
+
+
+@dataclass
+class Narrowed:
+    """Partial manifests of both sides over what the journal names."""
+
+    scope: manifest.Scope
+    local: dict[str, Entry]
+    remote: dict[str, Entry]
+
+    def ranges(self, journal: Journal, plan: ResyncPlan) -> dict[str, set[int]]:
+        """Files to rewrite chunk by chunk: those whose only changes are journaled chunks.
+
+        Not when the name may have been bound to another inode (its directory's entries
+        changed, or an ancestor moved), nor for hard links (written under any name).
+        """
+        out: dict[str, set[int]] = {}
+        for path in plan.rewrite:
+            if not self._in_place(path):
+                continue
+            chunks, cut = journal.chunks(path)
+            if cut >= 0:  # a truncate: everything from its chunk to the end may differ
+                chunks |= set(range(cut, -(-self.local[path].size // CHUNK)))
+            if chunks:  # else the content differs for no journaled reason: send it all
+                out[path] = chunks
+        return out
+
+    def _in_place(self, path: str) -> bool:
+        return (
+            path in self.scope.paths
+            and parent_of(path) not in self.scope.dirs
+            and not _under(path, set(self.scope.trees))
+            and not self.local[path].link_group
+            and not self.remote[path].link_group
+        )
+
+
+MAX_ROUNDS = 4
+
+
+async def _narrowed(rep: Replicator, root_fd: int) -> Narrowed | str:
+    """Partial manifests of what the journal names, or why they cannot be trusted.
+
+    Subtrees of directories to make or remove are added to the scope, and both sides
+    read again, until the plan needs nothing more.
+    """
+    scope = rep.journal.scope()
+    for _ in range(MAX_ROUNDS):
+        remote = await _fetch_partial(rep, scope)
+        build = functools.partial(manifest.build_partial, root_fd, scope)
+        local = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
+        loose = local.loose | remote.loose
+        if loose:
+            return f"hard-linked {min(loose)} has names outside the journaled paths"
+        mine, theirs = narrow(local.entries, remote.entries, scope)
+        grown = _grow(scope, mine, theirs)
+        if grown == scope:
+            return Narrowed(scope, mine, theirs)
+        scope = grown
+    return "the journaled changes keep reaching further subtrees"
+
+
+def narrow(
+    local: dict[str, Entry], remote: dict[str, Entry], scope: manifest.Scope
+) -> tuple[dict[str, Entry], dict[str, Entry]]:
+    """Keep what is on both sides, and what is on one side only where the journal says
+    names changed: under a child of a journaled directory present on both sides, or
+    under a moved entry. Anything else on one side only (a stale name in the journal)
+    is left alone: the partial plan never removes or makes what the journal does not
+    cover."""
+    dirs = {d for d in scope.dirs if _is_dir(local.get(d)) and _is_dir(remote.get(d))}
+    moved = set(scope.trees)
+
+    def covered(path: str) -> bool:
+        while path != ".":
+            if parent_of(path) in dirs or path in moved:
+                return True
+            path = parent_of(path)
+        return False
+
+    both = local.keys() & remote.keys()
+    return (
+        {p: e for p, e in local.items() if p in both or covered(p)},
+        {p: e for p, e in remote.items() if p in both or covered(p)},
+    )
+
+
+def _is_dir(entry: Entry | None) -> bool:
+    return entry is not None and entry.kind == "dir"
+
+
+def _grow(
+    scope: manifest.Scope, local: dict[str, Entry], remote: dict[str, Entry]
+) -> manifest.Scope:
+    """The scope plus the subtrees of directories the plan would make or remove."""
+    plan = plan_resync(local, remote)
+    whole = [p for p in plan.remove if _is_dir(remote.get(p))]
+    whole += [p for p in plan.create if _is_dir(local.get(p))]
+    trees = set(scope.trees)
+    more = {p for p in whole if not _under(p, trees)}
+    if not more:
+        return scope
+    return manifest.Scope(scope.paths, scope.dirs, frozenset(trees | more))
 
 
 def _conclude(rep: Replicator, report: ResyncReport, seconds: float) -> None:
     report.ok = rep.mode is Mode.MIRROR
     report.seconds = round(seconds, 3)
     if report.ok:
+        how = "from the journal" if report.journal else f"whole trees: {report.full_reason}"
         report.message = (
             f"mirroring: {report.files_copied} files copied of {report.files_checked} "
-            f"entries checked, {report.removed} removed"
+            f"entries checked ({how}), {report.removed} removed"
         )
     else:
         report.message = rep.reason or "resync failed"

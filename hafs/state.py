@@ -35,6 +35,10 @@ class NodeState:
     mount that starts in MIRROR if it was true before); a refused op sets it false.
     session_open: a mirror session started and has not ended cleanly; found true at start,
     it means this process crashed and ops may have been in flight.
+    session: a mount's: the token of its last session whose RESYNC_DONE the replica made
+    durable. The ALONE journal since then covers every change (hafs.resync trusts it).
+    replica_of: a replica's: "<token>@<st_dev>:<st_ino of its root>" of the last session it
+    completed; cleared when any session or mount starts on the directory.
     """
 
     role: str = ""
@@ -42,6 +46,8 @@ class NodeState:
     uptodate: bool = True
     session_open: bool = False
     generation: int = 0
+    session: str = ""
+    replica_of: str = ""
 
 
 class StateStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -77,11 +78,28 @@ def fetch_manifest(
     timeout bounds the connection and authentication; build_timeout (default: timeout) each
     wait after that, the first of which lasts as long as the replica reads its whole tree.
     """
+    return manifest.from_bytes(_fetch(addr, key, timeout, build_timeout, b""))
+
+
+def fetch_partial(
+    addr: tuple[str, int], key: bytes, timeout: float, scope: manifest.Scope
+) -> manifest.Partial:
+    """Ask a replica server for the manifest of the scope's paths, and its session token.
+
+    The scope travels in the request frame, MACed like every frame.
+    """
+    request = json.dumps(scope.to_json(), ensure_ascii=True).encode("ascii")
+    return manifest.partial_from_bytes(_fetch(addr, key, timeout, None, request))
+
+
+def _fetch(
+    addr: tuple[str, int], key: bytes, timeout: float, build_timeout: float | None, request: bytes
+) -> bytes:
     sock, keys = connect(addr, key, p.Purpose.VERIFY, timeout)
     with sock:
         sock.settimeout(timeout if build_timeout is None else build_timeout)
         writer, reader = p.FrameWriter(keys.send), p.FrameReader(keys.recv)
-        sock.sendall(b"".join(writer.seal(p.FrameType.MANIFEST_REQ)))
+        sock.sendall(b"".join(writer.seal(p.FrameType.MANIFEST_REQ, request)))
         chunks: list[bytes] = []
         while True:
             frames = recv_frames(sock, reader)
@@ -91,5 +109,5 @@ def fetch_manifest(
                 if frame.ftype is not p.FrameType.MANIFEST:
                     raise p.ProtocolError(f"unexpected {frame.ftype.name} frame")
                 if not frame.payload:
-                    return manifest.from_bytes(b"".join(chunks))
+                    return b"".join(chunks)
                 chunks.append(bytes(frame.payload))

@@ -165,3 +165,38 @@ def test_truncate_is_one_record_from_the_new_size_on(tmp_path: Path) -> None:
     journal.record("truncate", "db/ib_logfile0", 7, 5 * CHUNK + 9)  # same chunk: deduplicated
     assert journal.records() == [JournalRecord("truncate", "db/ib_logfile0", 7, 5)]
     journal.close()
+
+
+def test_a_journal_left_open_with_records_becomes_unclean(path: Path) -> None:
+    j = Journal(path)
+    j.record("data", "f", 2, offset=0, length=1)
+    assert not j.unclean
+    # No close(): the process died. Reopened, the journal cannot be trusted any more.
+    reopened = Journal(path)
+    assert reopened.unclean
+    reopened.close()
+
+
+def test_a_journal_closed_cleanly_stays_trusted(path: Path) -> None:
+    j = Journal(path)
+    j.record("data", "f", 2, offset=0, length=1)
+    j.close()
+    reopened = Journal(path)
+    assert not reopened.unclean
+    reopened.close()
+
+
+def test_scope_and_chunks(path: Path) -> None:
+    j = Journal(path)
+    j.record("data", "d/f", 2, offset=MiB, length=1)
+    j.record("truncate", "d/f", 2, offset=3 * MiB + 1)
+    j.record("meta", "d/g", 3)
+    j.record("entry", "d", 4)
+    j.record("moved", "d/new", 4)
+    j.record("entry", "<unlinked inode 9>", 9)
+    scope = j.scope()
+    assert scope.paths == {"d/f", "d/g"}
+    assert scope.dirs == {"d"}
+    assert scope.trees == {"d/new"}
+    assert j.chunks("d/f") == ({1}, 3)
+    j.close()
