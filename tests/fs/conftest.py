@@ -1,4 +1,4 @@
-"""Fixtures shared by the data path's tests: a small tmpfs to fill up."""
+"""Fixtures shared by the data path's tests: a small tmpfs to fill up, a join pair."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import cluster
+from tests.support.cluster import new_pair
+from tests.support.join import Join
 
 
 @pytest.fixture
@@ -30,3 +32,10 @@ def small_tmpfs() -> Iterator[Callable[[Path], Path]]:
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
         assert not cluster.is_mounted(path), f"tmpfs {path} still mounted"
+
+
+@pytest.fixture
+def join(
+    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
+) -> Join:
+    return new_pair(Join, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)

@@ -31,7 +31,7 @@ import pytest
 
 from hafs import manifest
 from tests.support import cluster
-from tests.support.cluster import TIMEOUT, Pair, new_pair
+from tests.support.cluster import TIMEOUT, Pair, new_pair, wait_until
 
 RECORD = 4096
 MAGIC = 0x68616673_7265636F  # "hafsreco"
@@ -64,14 +64,6 @@ def check_records(data: bytes, what: str) -> int:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def timed(call: Callable[[], Any]) -> float:

@@ -25,25 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from hafs import manifest, protocol, wire
 from tests.support import cluster
-from tests.support.cluster import TIMEOUT, Pair, new_pair
+from tests.support.cluster import TIMEOUT
+from tests.support.join import Join, wait_until
 
 RECORD = 4096
 UID, GID = 1234, 5678
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def record(i: int) -> bytes:
@@ -67,54 +58,6 @@ def write_file(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC | o
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass
-class Counters:
-    files_checked: int
-    files_copied: int
-    bytes_sent: int
-    seconds: float
-
-
-class Join(Pair):
-    """A pair whose tests drive `hafs fs mirror|alone|verify`."""
-
-    def hafs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.hafs_bin), *args], capture_output=True, text=True, timeout=timeout
-        )
-
-    def mirror(self) -> Counters:
-        """`hafs fs mirror`, which must succeed; its counters."""
-        result = self.hafs("fs", "mirror", "--state-dir", str(self.mount_state))
-        assert result.returncode == 0, result.stderr + result.stdout
-        line = result.stdout.splitlines()[-1]
-        assert line.startswith("resync: "), result.stdout
-        fields = dict(pair.split("=") for pair in line.removeprefix("resync: ").split())
-        return Counters(
-            int(fields["files_checked"]),
-            int(fields["files_copied"]),
-            int(fields["bytes_sent"]),
-            float(fields["seconds"]),
-        )
-
-    def alone(self, reason: str) -> subprocess.CompletedProcess[str]:
-        args = ("fs", "alone", "--state-dir", str(self.mount_state), "--reason", reason)
-        return self.hafs(*args)
-
-    def assert_identical(self) -> None:
-        result = self.hafs("fs", "verify", str(self.primary_dir), "--peer", self.peer,
-                           "--key", str(self.key))  # fmt: skip
-        assert result.returncode == 0, f"not identical:\n{result.stdout}{result.stderr}"
-        assert result.stdout.startswith("identical:"), result.stdout
-
-
-@pytest.fixture
-def join(
-    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
-) -> Join:
-    return new_pair(Join, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
 
 
 def populate(root: Path) -> None:

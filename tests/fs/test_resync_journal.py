@@ -19,18 +19,10 @@ from typing import Any
 import pytest
 
 from hafs import manifest, resync
-from tests.fs.test_join import Counters, Join, wait_until
-from tests.support.cluster import new_pair
+from tests.support.join import Counters, Join, wait_until
 
 MiB = 1 << 20
 TOPS, SUBS, FILES = 8, 5, 50  # 2000 small files in 40 directories
-
-
-@pytest.fixture
-def join(
-    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
-) -> Join:
-    return new_pair(Join, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
 
 
 def populate(root: Path) -> int:
