@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
 
-.PHONY: install install-system install-python test lint unit bench-fs clean
+.PHONY: install install-system install-python test lint unit bench-fs bench-failover clean
 
 install: install-system install-python
 
@@ -38,6 +38,9 @@ unit: install
 
 bench-fs: install
 	$(PY) bench/fs.py $(BENCH_ARGS)
+
+bench-failover: install
+	$(PY) bench/failover.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,89 @@
+"""`make bench-failover`: how long a SECOND takes to replace a primary that lost power.
+
+Two real daemons in network namespaces (tests/support/rig.py), a test application (a
+sleep started by start_prim), `<heart timeout>` 3 s and pulse 0.7 s unless told otherwise.
+Each repeat: node1 PRIM, node2 SECOND; node1's every process is killed at once; the times
+come from node2's module log (wall clock, so the CLI's start-up does not count):
+- decided: node2 decides to go ALONE (heartbeat timeout + the witness question);
+- serving: start_prim has finished on node2 (mount, VIP, gratuitous ARP, application).
+The baseline printed beside them is the configured heart timeout, the floor of any
+heartbeat-based failover. Ends with `failover_s MEDIAN` (serving).
+
+Run from the repo: .venv/bin/python bench/failover.py [--repeats N] [--timeout MS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.rig import MODULE, Rig, RigNode, two_node_rig  # noqa: E402
+
+
+def logged_at(node: RigNode, text: str, timeout: float = 30) -> float:
+    """Wall-clock time of the first module-log line containing `text` (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in node.module_log().splitlines():
+            if text in line:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
+                return stamp.timestamp()
+        time.sleep(0.1)
+    raise TimeoutError(f"{node.name}: no {text!r} in the module log\n{node.tail()}")
+
+
+def establish(rig: Rig) -> None:
+    n1, n2 = rig.node1, rig.node2
+    n1.boot()
+    n2.boot()
+    n1.hafs("prim", "-m", MODULE, "--force")
+    n1.wait_state("ALONE", colour="green")
+    n2.hafs("start", "-m", MODULE)
+    n2.wait_state("SECOND", colour="green", timeout=60)
+    n1.wait_state("PRIM", colour="green")
+
+
+def one_failover(timeout_ms: int, pulse_ms: int) -> tuple[float, float]:
+    base = Path(tempfile.mkdtemp(prefix="hb", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        with two_node_rig(base, timeout=timeout_ms, pulse=pulse_ms) as rig:
+            establish(rig)
+            killed = time.time()
+            rig.node1.kill()
+            decided = logged_at(rig.node2, "Transition SECOND -> ALONE") - killed
+            serving = logged_at(rig.node2, "script start_prim SECOND ALONE start: exited") - killed
+            return decided, serving
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=int, default=3000, help="<heart timeout> in ms")
+    parser.add_argument("--pulse", type=int, default=700, help="<heart pulse> in ms")
+    args = parser.parse_args()
+    floor = args.timeout / 1000
+    serving = []
+    for i in range(args.repeats):
+        d, s = one_failover(args.timeout, args.pulse)
+        serving.append(s)
+        print(f"repeat {i + 1}: decided {d:.2f} s, serving {s:.2f} s "
+              f"(heart timeout {floor:g} s: x{s / floor:.2f})", flush=True)  # fmt: skip
+    median = statistics.median(serving)
+    print(f"ratio failover_vs_heart_timeout {median / floor:.2f}")
+    print(f"failover_s {median:.2f}")
+
+
+if __name__ == "__main__":
+    main()
