@@ -15,7 +15,7 @@ Run from the repo: .venv/bin/python bench/failover.py [--repeats N] [--timeout M
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import shutil
 import statistics
 import sys
@@ -26,30 +26,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.rig import MODULE, Rig, RigNode, two_node_rig  # noqa: E402
+from tests.support.rig import RigNode, establish, logged_at, two_node_rig  # noqa: E402
 
 
-def logged_at(node: RigNode, text: str, timeout: float = 30) -> float:
-    """Wall-clock time of the first module-log line containing `text` (waits for it)."""
+def logged_when(node: RigNode, text: str, timeout: float = 30) -> float:
+    """When `text` first appears in the node's module log (waits for it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in node.module_log().splitlines():
-            if text in line:
-                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
-                return stamp.timestamp()
+        with contextlib.suppress(StopIteration):
+            return logged_at(node.module_log(), text)
         time.sleep(0.1)
     raise TimeoutError(f"{node.name}: no {text!r} in the module log\n{node.tail()}")
-
-
-def establish(rig: Rig) -> None:
-    n1, n2 = rig.node1, rig.node2
-    n1.boot()
-    n2.boot()
-    n1.hafs("prim", "-m", MODULE, "--force")
-    n1.wait_state("ALONE", colour="green")
-    n2.hafs("start", "-m", MODULE)
-    n2.wait_state("SECOND", colour="green", timeout=60)
-    n1.wait_state("PRIM", colour="green")
 
 
 def one_failover(timeout_ms: int, pulse_ms: int) -> tuple[float, float]:
@@ -60,8 +47,10 @@ def one_failover(timeout_ms: int, pulse_ms: int) -> tuple[float, float]:
             establish(rig)
             killed = time.time()
             rig.node1.kill()
-            decided = logged_at(rig.node2, "Transition SECOND -> ALONE") - killed
-            serving = logged_at(rig.node2, "script start_prim SECOND ALONE start: exited") - killed
+            decided = logged_when(rig.node2, "Transition SECOND -> ALONE") - killed
+            serving = (
+                logged_when(rig.node2, "script start_prim SECOND ALONE start: exited") - killed
+            )
             return decided, serving
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -10,18 +10,15 @@ cleanly (ALONE, journal intact, calls released) when the peer cannot follow.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +26,12 @@ from hafs import manifest, protocol, wire
 from tests.support import cluster
 from tests.support.cluster import TIMEOUT
 from tests.support.join import Join, wait_until
+from tests.support.records import RecordWriter, check_records
 
-RECORD = 4096
 UID, GID = 1234, 5678
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def record(i: int) -> bytes:
-    """4 KiB naming its own index, so a lost or misplaced write shows."""
-    head = struct.pack("<Q", i)
-    return (head + hashlib.sha256(head).digest() * (RECORD // 32))[:RECORD]
-
-
-def count_records(data: bytes, what: str) -> int:
-    assert len(data) % RECORD == 0, f"{what}: {len(data)} bytes is not whole records"
-    n = len(data) // RECORD
-    for i in range(n):
-        assert data[i * RECORD : (i + 1) * RECORD] == record(i), f"{what}: record {i} of {n}"
-    return n
 
 
 def write_file(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC | os.O_WRONLY) -> None:
@@ -137,49 +120,6 @@ def stale_copy(primary: Path, replica: Path) -> None:
 def replica_state(join: Join) -> dict[str, Any]:
     state: dict[str, Any] = json.loads((join.replica_state / "state.json").read_text())
     return state
-
-
-@dataclass
-class RecordWriter:
-    """A thread writing records 0, 1, 2... through the mount, an fsync every 8."""
-
-    path: Path
-    acked: int = 0
-    error: OSError | None = None
-    slowest: float = 0.0
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> RecordWriter:
-        self.thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            self.error = e
-            return
-        try:
-            while not self.stop.is_set() and self.acked < 50_000:
-                start = time.monotonic()
-                if os.pwrite(fd, record(self.acked), self.acked * RECORD) != RECORD:
-                    raise OSError(errno.EIO, f"short write of record {self.acked}")
-                if self.acked % 8 == 7:
-                    os.fsync(fd)
-                self.slowest = max(self.slowest, time.monotonic() - start)
-                self.acked += 1
-        except OSError as e:
-            self.error = e
-        finally:
-            os.close(fd)
-
-    def finish(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(30)
-            assert not self.thread.is_alive(), "the writer is stuck in a call on the mount"
 
 
 # ------------------------------------------------------------------------------ joins
@@ -293,7 +233,7 @@ def test_writer_during_mirror_loses_nothing(join: Join) -> None:
     for i in range(24):
         write_file(join.primary_dir / f"bulk{i:02}", os.urandom(1 << 20))
     with join.replica() as rep, join.mount(alone=True) as mnt:
-        writer = RecordWriter(join.mountpoint / "stream.dat").start()
+        writer = RecordWriter(join.mountpoint / "stream.dat", max_records=50_000).start()
         try:
             wait_until(lambda: writer.acked >= 200 or writer.error is not None, 60, "records")
             before = writer.acked
@@ -302,15 +242,15 @@ def test_writer_during_mirror_loses_nothing(join: Join) -> None:
             wait_until(lambda: writer.acked >= before + during + 300 or writer.error is not None,
                        60, "records after the join")  # fmt: skip
         finally:
-            writer.finish()
+            writer.finish(30)
         assert writer.error is None, f"the application saw {writer.error!r}"
         assert during > 0, "no write completed while the mirror command ran"
-        assert writer.slowest < counters.seconds + TIMEOUT, (writer.slowest, counters)
+        assert writer.slowest() < counters.seconds + TIMEOUT, (writer.slowest(), counters)
         assert counters.files_copied == 25, counters  # the bulk files and stream.dat
         assert mnt.status()["mode"] == "MIRROR"
-        n = count_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
+        n = check_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
         assert n == writer.acked
-        assert count_records((join.replica_dir / "stream.dat").read_bytes(), "replica") == n
+        assert check_records((join.replica_dir / "stream.dat").read_bytes(), "replica") == n
         join.assert_identical()
         assert rep.status()["synced"] is True
 
@@ -382,7 +322,7 @@ def test_replica_failing_mid_copy_releases_paused_writers(
     for i in range(4):
         write_file(join.primary_dir / f"bulk{i}", os.urandom(4 << 20))  # 16 MiB > 8 MiB
     with join.replica() as rep, join.mount(alone=True) as mnt:
-        writer = RecordWriter(join.mountpoint / "stream.dat").start()
+        writer = RecordWriter(join.mountpoint / "stream.dat", max_records=50_000).start()
         try:
             wait_until(lambda: writer.acked >= 100 or writer.error is not None, 60, "records")
             result = join.hafs("fs", "mirror", "--state-dir", str(join.mount_state))
@@ -390,7 +330,7 @@ def test_replica_failing_mid_copy_releases_paused_writers(
             wait_until(lambda: writer.acked >= at_failure + 100 or writer.error is not None,
                        30, "records after the failed mirror")  # fmt: skip
         finally:
-            writer.finish()
+            writer.finish(30)
         assert result.returncode == 1, result
         assert "No space left" in result.stderr, result.stderr
         assert writer.error is None, f"the application saw {writer.error!r}"
@@ -400,7 +340,7 @@ def test_replica_failing_mid_copy_releases_paused_writers(
         assert status["resync"]["phase"] == "failed", status
         assert rep.status()["synced"] is False
         assert replica_state(join)["uptodate"] is False
-        n = count_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
+        n = check_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
         assert n == writer.acked
 
 

@@ -7,7 +7,16 @@ import socket
 import time
 from pathlib import Path
 
-from tests.support.rig import APP, MODULE, VIP, Rig, RigNode, two_node_rig
+from tests.support.rig import (
+    APP,
+    MODULE,
+    VIP,
+    Rig,
+    RigNode,
+    establish,
+    logged_at,
+    two_node_rig,
+)
 
 
 def test_prim_starts_alone_with_vip_and_scripts(rig: Rig) -> None:
@@ -89,18 +98,6 @@ def _count(calls: list[str], script: str) -> int:
 
 def _app_running(node: RigNode) -> bool:
     return node.inside(["pgrep", "-x", APP], check=False).returncode == 0
-
-
-def establish(rig: Rig) -> None:
-    """The seed's first start: prim on node1 (good data), start on node2 (joins it)."""
-    n1, n2 = rig.node1, rig.node2
-    n1.boot()
-    n2.boot()
-    n1.hafs("prim", "-m", MODULE, "--force")
-    n1.wait_state("ALONE", colour="green")
-    n2.hafs("start", "-m", MODULE)
-    n2.wait_state("SECOND", colour="green", timeout=60)
-    n1.wait_state("PRIM", colour="green")
 
 
 def write_on(node: RigNode, name: str, text: str) -> None:
@@ -219,8 +216,8 @@ def test_primary_daemon_crash_cleans_up_before_the_peer_takes_over(rig_base: Pat
         assert "remote stop" in n2.module_log()  # announced: no timeout, no witness needed
         log = n1.module_log()
         assert "previous daemon stopped while primary" in log, n1.tail()
-        released = _logged_at(log, "action ReleaseVip(): done")
-        taken = _logged_at(n2.module_log(), "Transition SECOND -> ALONE")
+        released = logged_at(log, "action ReleaseVip(): done")
+        taken = logged_at(n2.module_log(), "Transition SECOND -> ALONE")
         assert released < taken, (released, taken)  # never two holders of the VIP (I8)
         assert not _app_running(n1)
         assert not any(a.startswith(VIP + "/") for a in n1.net.addresses())
@@ -228,9 +225,3 @@ def test_primary_daemon_crash_cleans_up_before_the_peer_takes_over(rig_base: Pat
         # It was started before the crash: once clean it starts again and joins n2.
         n1.wait_state("SECOND", colour="green", timeout=60)
         n2.wait_state("PRIM", colour="green")
-
-
-def _logged_at(log: str, text: str) -> str:
-    """The timestamp of the first module log line containing `text` (sortable)."""
-    line = next(line for line in log.splitlines() if text in line)
-    return line[:23]

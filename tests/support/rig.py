@@ -11,6 +11,7 @@ and the kernel then drops the node's mounts with its mount namespace.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shlex
@@ -368,3 +369,21 @@ def two_node_rig(base: Path, config: str | None = None, **config_args: Any) -> I
         finally:
             for node in nodes.values():
                 node.kill()
+
+
+def establish(rig: Rig) -> None:
+    """The seed's first start: prim on node1 (good data), start on node2 (joins it)."""
+    n1, n2 = rig.node1, rig.node2
+    n1.boot()
+    n2.boot()
+    n1.hafs("prim", "-m", MODULE, "--force")
+    n1.wait_state("ALONE", colour="green")
+    n2.hafs("start", "-m", MODULE)
+    n2.wait_state("SECOND", colour="green", timeout=60)
+    n1.wait_state("PRIM", colour="green")
+
+
+def logged_at(log: str, text: str) -> float:
+    """Wall-clock time of the first module log line containing `text`."""
+    line = next(line for line in log.splitlines() if text in line)
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
