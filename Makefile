@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
 
-.PHONY: install install-system install-python test lint unit bench-fs bench-failover clean
+.PHONY: install install-system install-python test lint unit bench-fs bench-failover clean \
+	rig-up rig-down rig-status install-remote start-remote status-remote
 
 install: install-system install-python
 
@@ -26,8 +27,8 @@ install-python:
 	@$(VENV)/bin/hafs --help >/dev/null && echo "installed: $(VENV)/bin/hafs"
 
 lint:
-	$(VENV)/bin/ruff check hafs controller tests bench
-	$(VENV)/bin/ruff format --check hafs controller tests bench
+	$(VENV)/bin/ruff check hafs controller tests bench tools
+	$(VENV)/bin/ruff format --check hafs controller tests bench tools
 	$(VENV)/bin/mypy hafs controller
 
 test: install lint
@@ -41,6 +42,30 @@ bench-fs: install
 
 bench-failover: install
 	$(PY) bench/failover.py $(BENCH_ARGS)
+
+# The persistent two-node MySQL rig (docs/rig.md): namespaces hafs-node1, hafs-node2,
+# hafs-witness, hafs-client; node1 PRIM, node2 SECOND, MariaDB on the virtual IP.
+rig-up: install
+	tools/rig up
+
+rig-down:
+	tools/rig down
+
+rig-status:
+	tools/rig status
+
+# Two real Debian servers over ssh (docs/rig.md): NODE1, NODE2 their LAN addresses, VIP free
+# in the same subnet; ssh as $(SSH_USER) (default root) with a key.
+install-remote: install-python
+	@test -n "$(NODE1)" -a -n "$(NODE2)" -a -n "$(VIP)" || \
+		{ echo "make install-remote NODE1=ADDR NODE2=ADDR VIP=ADDR"; exit 2; }
+	tools/remote install $(NODE1) $(NODE2) $(VIP)
+
+start-remote:
+	tools/remote start $(NODE1) $(NODE2)
+
+status-remote:
+	tools/remote status $(NODE1) $(NODE2)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

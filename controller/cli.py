@@ -4,6 +4,8 @@ Exit codes: 0 done; 1 refused or failed (the message says why), or with --wait: 
 did not settle in time, or settled red (STOP, WAIT blocked) after a command meant to run the
 module; 2 bad usage, or the daemon is not running.
 
+`hafs verify -m M` exits as diff(1) does: 0 identical, 1 differences, 2 not verified.
+
 `hafs state -m M -lq` exits with the state's code instead: STOP 0, WAIT 1, ALONE 2, PRIM 3,
 SECOND 4 (SafeKit's `safekit state -lq`). Its errors exit 10 and up, so a script never takes
 one for a state: 10 the daemon cannot be reached; 11 no such module, or not exactly one
@@ -25,6 +27,7 @@ import typer
 from controller import control
 from controller.modulelog import ModuleLog
 from controller.paths import ROOT_ENV, Layout
+from hafs import verify
 from hafs.cli import app
 
 ModuleOpt = Annotated[str, typer.Option("-m", "--module", help="the module's name")]
@@ -138,6 +141,7 @@ def _state_lines(snap: dict[str, Any]) -> str:
             f"  why: {snap['why']}",
             f"  copy: {snap['copy']} ({'up to date' if snap['uptodate'] else 'NOT up to date'})"
             f"  heartbeats: {nets}",
+            *([f"  resync: {snap['resync']}"] if snap.get("resync") else []),
         ]
     )
 
@@ -248,6 +252,43 @@ def failover(
 ) -> None:
     """Turn automatic failover on or off at run time (off: a SECOND waits for `prim`)."""
     _command("failover", module, 0.0, on=on_off is OnOff.ON)
+
+
+# ---------------------------------------------------------------------- verify
+
+
+@app.command("verify")
+def verify_module(
+    module: ModuleOpt,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="send what differs to the SECOND again, mirroring")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 3600.0,
+) -> None:
+    """Compare each replicated directory with the SECOND's copy while the application
+    writes (run it on the PRIM). Exit 0 identical (files being written are listed as busy),
+    1 differences (with --repair: still after the repair), 2 not verified (refused: not
+    PRIM, SECOND not synchronised; the peer unreachable)."""
+    reply = _ask("verify", module, timeout=timeout, repair=repair)
+    if not reply.get("ok"):
+        _fail(f"{module}: {reply.get('message', 'verify failed')}", 2)
+    code = 0
+    for result in reply["dirs"]:
+        where = f"{module}: {result['dir']}"
+        if "error" in result:
+            typer.echo(f"{where}: not verified: {result['error']}", err=True)
+            code = 2
+            continue
+        verdict = verify.Verdict.from_json(result["verdict"])
+        lines = verdict.lines()
+        if "repair" in result:
+            before = verify.Verdict.from_json(result["before"])
+            lines = [*before.lines(), verify.repair_line(result["repair"]), *lines]
+        for line in lines:
+            typer.echo(f"{where}: {line}")
+        if not verdict.identical:
+            code = code or 1
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------- logs

@@ -245,6 +245,8 @@ class Daemon:
             return {"ok": True, "node": self.node, "modules": [m.snapshot() for m in chosen]}
         if name not in self.modules:
             return self._unknown(name)
+        if cmd == "verify":
+            return await self.modules[name].verify(bool(req.get("repair", False)))
         event = _event(cmd, req)
         if event is None:
             return {"ok": False, "message": f"unknown command {cmd!r}"}

@@ -14,6 +14,7 @@ address of the module's first heartbeat network.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import psutil
 import trio
 
-from hafs import status
+from hafs import manifest, protocol, status, verify
 from hafs.mountinfo import force_unmount, is_fuse_mounted
 from hafs.state import StateStore
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0  # a mount or replica that is not serving after this has failed
 STOP_TIMEOUT = 20.0  # SIGTERM lets a mount drain its stream; SIGKILL after this
+VERIFY_TIMEOUT = 60.0  # connecting to the peer's replica, and each partial manifest
 
 
 class DataPathError(Exception):
@@ -72,6 +74,24 @@ def _mode(snapshot: dict[str, Any]) -> str:
 def _hostport(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_resync(progress: dict[str, Any]) -> str:
+    """A mount's resync status as an operator reads it: phase, percent, bytes, rate, ETA."""
+    phase = str(progress.get("phase", "starting"))
+    done, planned = int(progress.get("bytes_done", 0)), int(progress.get("bytes_planned", 0))
+    elapsed = float(progress.get("elapsed", 0.0))
+    if not planned or "copying" not in phase:
+        return phase
+    rate = done / elapsed if elapsed > 0 else 0.0
+    text = f"{phase}: {100 * done // planned}% ({_mb(done)} of {_mb(planned)} MB)"
+    if rate > 0:
+        text += f", {_mb(rate)} MB/s, about {max(planned - done, 0) / rate:.0f} s left"
+    return text
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
 
 
 class DataProcess:
@@ -231,6 +251,49 @@ class DataPath:
             totals["files_copied"] += reply.get("files_copied", 0)
             totals["bytes_sent"] += reply.get("bytes_sent", 0)
         return totals
+
+    async def resync_progress(self) -> str:
+        """Where the running resyncs are, one phrase per replicated directory ("" if none)."""
+        lines = []
+        for proc in self.mounts:
+            with contextlib.suppress(OSError, ValueError):
+                snap = await proc.status()
+                if snap.get("mode") == "RESYNC":
+                    lines.append(describe_resync(snap.get("resync") or {}))
+        return "; ".join(lines)
+
+    async def verify(self, repair: bool) -> list[dict[str, Any]]:
+        """Compare each directory with the peer's replica while the application writes
+        (hafs.verify), in a thread: the daemon's heartbeats go on. With `repair`, the mount
+        sends what differs again on its mirroring stream (hafs.repair). One result per
+        directory: hafs.verify.Checked's JSON, or {"dir", "error"}."""
+        if len(self.mounts) != len(self.dirs):
+            raise DataPathError("the replicated directories are not all mounted")
+        key = protocol.read_key(str(self.key_file))
+        results = []
+        for d, proc in zip(self.dirs, self.mounts, strict=True):
+            snap = await proc.status()
+            if _mode(snap) != "MIRROR":
+                why = snap.get("reason") or "no peer to compare with"
+                results.append({"dir": str(d.dir), "error": f"the mount is {_mode(snap)}: {why}"})
+                continue
+            check = functools.partial(
+                verify.check,
+                str(d.dir),
+                d.peer,
+                key,
+                VERIFY_TIMEOUT,
+                repair_via=proc.status_sock if repair else None,
+            )
+            try:
+                checked = await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+            except (OSError, protocol.ProtocolError, manifest.ManifestError) as e:
+                results.append({"dir": str(d.dir), "error": f"cannot compare: {e}"})
+            except verify.RepairError as e:
+                results.append({"dir": str(d.dir), "error": str(e)})
+            else:
+                results.append(checked.to_json())
+        return results
 
     async def alone(self, reason: str) -> None:
         """Stop replicating and journal instead (I5)."""

@@ -27,7 +27,7 @@ from controller.checkers import Checker, poll_once
 from controller.checkers.interface import InterfaceChecker
 from controller.checkers.process import process_checkers
 from controller.config import ClusterConfig, ModuleConfig, UserScripts
-from controller.datapath import DataPath, Replicated
+from controller.datapath import DataPath, DataPathError, Replicated
 from controller.heartbeat import Heartbeats, Network, PeerBeat
 from controller.modulelog import ModuleLog
 from controller.paths import Layout
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HEART_PORT = 4800
 REPLICATION_PORT_OFFSET = 100  # directory i replicates on heart port + 100 + i
 WATCH_INTERVAL = 0.5  # how often the data path's own state is polled
+PROGRESS_INTERVAL = 5.0  # how often a running resync's progress is logged
 # After one of these failed, the rest of its transition (taking the VIP, starting the
 # application) must not happen; releasing actions go on even when one of them fails.
 ACQUIRING = (sm.Mount, sm.TakeVip, sm.StartReplica)
@@ -144,6 +145,8 @@ class Module:
         self._script_queued = trio.Event()
         self._mirroring = False  # a SetMountMode(MIRROR) copy is running
         self._mirror_backoff = 0.0
+        self.resync_progress = ""  # while this primary resyncs its peer, where it is
+        self._verifying = False  # `hafs verify` runs (one at a time)
         self._nursery: trio.Nursery | None = None
         self._running_script: tuple[str, trio.CancelScope] | None = None
         self._last_beat: float | None = None
@@ -446,7 +449,10 @@ class Module:
         started = time.monotonic()
         self._mirroring = True
         try:
-            totals = await self.datapath.mirror()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report_progress)
+                totals = await self.datapath.mirror()
+                nursery.cancel_scope.cancel()
         except Exception as e:
             self._mirror_backoff = min(max(2 * self._mirror_backoff, 1.0), 30.0)
             self._log("E", f"resync to {self.peer} failed: {e}")
@@ -454,12 +460,57 @@ class Module:
             return
         finally:
             self._mirroring = False
+            self.resync_progress = ""
         self._mirror_backoff = 0.0
         self._log(
             "I",
             f"resync to {self.peer} done in {time.monotonic() - started:.1f} s: "
             f"{totals['files_copied']} files, {totals['bytes_sent']} bytes copied; mirroring",
         )
+
+    async def _report_progress(self) -> None:
+        """While the copy runs: where it is, in the module log and in `hafs state`."""
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            self.resync_progress = await self.datapath.resync_progress()
+            if self.resync_progress:
+                self._log("I", f"resync to {self.peer}: {self.resync_progress}")
+
+    async def verify(self, repair: bool) -> dict[str, Any]:
+        """`hafs verify -m`: compare each replicated directory with the SECOND's copy while
+        the application writes; `repair`: send what differs again (docs/daemon.md)."""
+        refused = self._verify_refused()
+        if refused:
+            return {"ok": False, "message": refused}
+        self._verifying = True
+        try:
+            self._log("I", f"verify against {self.peer}{' with repair' if repair else ''}")
+            try:
+                dirs = await self.datapath.verify(repair)
+            except (OSError, DataPathError) as e:
+                return {"ok": False, "message": f"verify: {e}"}
+        finally:
+            self._verifying = False
+        outcome = [_verify_outcome(d) for d in dirs]
+        for line in outcome:
+            self._log("I" if line.endswith(": identical") else "W", f"verify {line}")
+        return {"ok": True, "message": "; ".join(outcome), "dirs": dirs}
+
+    def _verify_refused(self) -> str:
+        v = self.view
+        if v.state is not sm.State.PRIM:
+            return (
+                f"verify runs on the PRIM (only a PRIM has a peer's replica to compare "
+                f"with): {self.node} is {v.state}"
+            )
+        if v.phase is not sm.Phase.READY or self._mirroring:
+            return f"{self.node} is PRIM but not settled ({v.phase}): try again when green"
+        if v.peer is None or v.peer.colour is not sm.Colour.GREEN:
+            colour = "unknown" if v.peer is None else v.peer.colour
+            return f"the SECOND {self.peer} is not synchronised yet ({colour}): nothing to verify"
+        if self._verifying:
+            return "a verify is already running"
+        return ""
 
     async def _await_resync(self) -> None:
         """The SECOND's side: the copy is up to date once every replica says synced (it
@@ -624,7 +675,23 @@ class Module:
             "peer_name": self.peer,
             "heartbeats": self.heartbeats.alive_networks(),
             "vip": [str(vip.addr) for vip in self.vips],
+            "resync": self.resync_progress,
         }
+
+
+def _verify_outcome(result: dict[str, Any]) -> str:
+    """One directory's verify, for the module log: `DIR: identical`, or what differs."""
+    where = result["dir"]
+    if "error" in result:
+        return f"{where}: {result['error']}"
+    verdict, repaired = result["verdict"], ""
+    if "repair" in result:
+        repaired = f"repair: {result['repair'].get('message', '')}; then "
+    if verdict["identical"]:
+        return f"{where}: {repaired}identical"
+    paths = verdict["differing"]
+    shown = ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else "")
+    return f"{where}: {repaired}{len(paths)} paths differ: {shown}"
 
 
 def _describe(action: sm.Action) -> str:

@@ -1182,6 +1182,10 @@ def _second_sees(v: NodeView, p: PeerInfo) -> Transition:
         return _enter_primary(
             v, State.PRIM, f"swap: {p.name} handed over the primary role", copy=Copy.MIRROR
         )
+    v2, behind = _note_peer_copy(v, p)
+    if behind:  # it ran ALONE since our copy was synchronised: the heartbeat saying so was lost
+        why = f"{p.name} is {p.state} with changes this copy lacks: waiting for it"
+        return _to_wait(v2, why, *behind, blocked=False)
     return _primary_gone(v, announced=True, why=f"{p.name} is {p.state}")
 
 

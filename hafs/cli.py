@@ -3,6 +3,7 @@ process failed at run time, 2 bad usage or bad input (key, address, directory)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from hafs import manifest, protocol, status, wire
+from hafs import manifest, protocol, status, verify, wire
 from hafs.state import default_state_dir
 
 app = typer.Typer(
@@ -127,6 +128,15 @@ def fs_mount(
             "every buffered write (EOPNOTSUPP for applications' xattr calls)"
         ),
     ] = True,
+    live_passes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="a rejoin copies while the application writes for up to this many passes, "
+            "then pauses its writes for a last pass over what changed meanwhile; 0 pauses "
+            "them for the whole copy [default: 4]",
+        ),
+    ] = None,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -151,6 +161,8 @@ def fs_mount(
         xattrs=xattrs,
         alone=alone,
     )
+    if live_passes is not None:
+        cfg = dataclasses.replace(cfg, live_passes=live_passes)
     try:
         run_mount(cfg)
     except (OSError, RuntimeError) as e:
@@ -184,6 +196,10 @@ def _command(sock: Path, request: dict[str, str], timeout: float | None) -> dict
         _fail(f"no hafs mount answers at {sock.parent}: {e}", 1)
 
 
+# The counters of a resync's last line (`hafs fs mirror`, `hafs fs resync`).
+RESYNC_COUNTERS = ("files_checked", "files_copied", "bytes_sent", "seconds")
+
+
 @fs_app.command("mirror")
 def fs_mirror(
     dir: Annotated[Path | None, typer.Argument()] = None,
@@ -194,13 +210,88 @@ def fs_mirror(
 ) -> None:
     """Join the peer: make its replica identical to this tree, then mirror every change.
 
-    The mount must be ALONE. Mutating calls wait while the differences are copied."""
+    The mount must be ALONE. The application goes on writing while the differences are
+    copied; mutating calls wait only during the last pass (`paused_seconds`)."""
     reply = _command(_status_sock(dir, state_dir), {"cmd": "mirror"}, timeout)
     if not reply.get("ok"):
         _fail(f"mirror failed: {reply.get('message')}", 1)
     typer.echo(f"mirror: {reply.get('message')}")
-    counters = ("files_checked", "files_copied", "bytes_sent", "seconds")
+    counters = [*RESYNC_COUNTERS, "passes", "paused_seconds"]
     typer.echo("resync: " + " ".join(f"{name}={reply.get(name)}" for name in counters))
+
+
+@fs_app.command("resync")
+def fs_resync(
+    dir: DirArg,
+    peer: Annotated[str, typer.Option("--peer", help="HOST:PORT of the replica")],
+    key: KeyOpt,
+    full: Annotated[
+        bool, typer.Option(help="compare every file, even if the journal could narrow it")
+    ] = False,
+    state_dir: StateOpt = None,
+) -> None:
+    """Make the replica at --peer identical to DIR, by hand.
+
+    DIR mounted by hafs (ALONE): that mount resyncs and then mirrors, as `hafs fs mirror`.
+    DIR not mounted (the application stopped): a private mount of it does the resync and
+    is unmounted after. Either way the last line is
+    `resync: files_checked=N files_copied=N bytes_sent=N seconds=S`."""
+    data_dir = _directory(dir)
+    state = state_dir or default_state_dir(data_dir)
+    sock = state / "status.sock"
+    request: dict[str, Any] = {"cmd": "mirror", "full": full}
+    if _answers(sock):
+        mounted = status.query(sock)
+        if mounted.get("peer") != f"{_hostport(peer)[0]}:{_hostport(peer)[1]}":
+            _fail(f"{data_dir} is mounted with peer {mounted.get('peer')}, not {peer}")
+        reply = _command(sock, request, None)
+    else:
+        reply = _resync_unmounted(data_dir, peer, key, state, request)
+    if not reply.get("ok"):
+        _fail(f"resync failed: {reply.get('message')}", 1)
+    typer.echo(f"mirror: {reply.get('message')}")
+    typer.echo("resync: " + " ".join(f"{name}={reply.get(name)}" for name in RESYNC_COUNTERS))
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        status.query(sock, timeout=2.0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _resync_unmounted(
+    data_dir: str, peer: str, key: Path, state: Path, request: dict[str, Any]
+) -> dict[str, Any]:
+    """Mount DIR ALONE on a private mountpoint, resync through it, then unmount it."""
+    import subprocess
+    import tempfile
+    import time
+
+    from hafs.mountinfo import force_unmount, is_mounted
+
+    with tempfile.TemporaryDirectory(prefix="hafs-resync-") as mountpoint:
+        argv = [sys.executable, "-m", "hafs.cli", "fs", "mount", data_dir, "--peer", peer,
+                "--key", str(key), "--state-dir", str(state), "--mountpoint", mountpoint,
+                "--alone"]  # fmt: skip
+        proc = subprocess.Popen(argv)
+        try:
+            deadline = time.monotonic() + 60
+            while not (is_mounted(mountpoint) and _answers(state / "status.sock")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    _fail(f"could not mount {data_dir} for the resync", 1)
+                time.sleep(0.1)
+            return _command(state / "status.sock", request, None)
+        finally:
+            proc.terminate()  # drains the stream, then unmounts
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if is_mounted(mountpoint):
+                force_unmount(mountpoint)
 
 
 @fs_app.command("alone")
@@ -224,22 +315,41 @@ def fs_verify(
     peer: Annotated[str, typer.Option("--peer", help="HOST:PORT of the replica")],
     key: KeyOpt,
     timeout: float = 300.0,
+    rounds: Annotated[
+        int, typer.Option(help="re-reads of the differing paths, to tell writes in flight")
+    ] = verify.Rounds.count,
+    interval: Annotated[float, typer.Option(help="seconds between re-reads")] = (
+        verify.Rounds.interval
+    ),
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="send the differing paths again through the mount"),
+    ] = False,
+    state_dir: StateOpt = None,
 ) -> None:
-    """Compare this node's tree with the replica's; exit 0 if identical, 1 if not."""
+    """Compare this node's tree with the replica's, online (while the application writes).
+
+    Exit 0 identical (paths being written are listed as busy), 1 differences (after
+    --repair: still), 2 no comparison (bad input, replica unreachable)."""
     data_dir = _directory(dir)
+    addr, secret = _hostport(peer), _key(key)
+    sock = _status_sock(dir, state_dir) if repair else None
+    plan = verify.Rounds(rounds, interval, max(10.0, rounds * interval * 3))
     try:
-        remote = wire.fetch_manifest(_hostport(peer), _key(key), timeout)
+        result = verify.check(data_dir, addr, secret, timeout, repair_via=sock, rounds=plan)
     except (OSError, protocol.ProtocolError, manifest.ManifestError) as e:
-        _fail(f"verify: cannot get the replica's manifest: {e}", 1)
-    local = manifest.build_manifest(data_dir)
-    differences = manifest.compare(local, remote)
-    if not differences:
-        typer.echo(f"identical: {len(local)} entries")
-        return
-    for line in differences:
+        _fail(f"verify: cannot compare with the replica: {e}")
+    except verify.RepairError as e:
+        _fail(f"verify: {e}")
+    if result.before is not None and result.repair is not None:
+        for line in result.before.lines():
+            typer.echo(line)
+        typer.echo(verify.repair_line(result.repair))
+    for line in result.verdict.lines():
         typer.echo(line)
-    typer.echo(f"{len(differences)} differences", err=True)
-    raise typer.Exit(1)
+    if not result.verdict.identical:
+        typer.echo(f"{len(result.verdict.differing)} paths differ", err=True)
+        raise typer.Exit(1)
 
 
 @config_app.command("check")
@@ -268,3 +378,7 @@ def config_check(
             typer.echo(f"ok: {path}")
     if problems:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

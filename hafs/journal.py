@@ -6,6 +6,10 @@ crash can lose a journal line only for a change that never happened (I5). Data r
 recorded per 1 MiB chunk and deduplicated, so a database rewriting the same pages pays one
 fdatasync per chunk, not one per write. A completed resync clears it (hafs.resync).
 
+A resync that copies while the application writes (hafs.resync) starts a new *epoch* before
+each pass: records are deduplicated within an epoch only, so `changes(since=mark)` names
+everything changed since that pass began, even what an earlier record already named.
+
 A sentinel file (`<journal>.live`) exists while a process has the journal open. Found at
 open with records in the journal, the last process died without closing it: the journal is
 marked unclean, so the next resync compares everything rather than trusting it.
@@ -34,6 +38,34 @@ class JournalRecord:
     path: str
     ino: int
     chunk: int = -1  # for "data": the 1 MiB chunk index
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Some of a journal's records, read as what changed."""
+
+    records: tuple[JournalRecord, ...]
+
+    def scope(self) -> Scope:
+        """What changed, as the records name it: paths, directories whose entries changed,
+        and entries moved (whose subtrees must be compared whole).
+
+        Names of unlinked inodes ("<unlinked inode N>") are left out: their unlink is an
+        "entry" record of their directory, and their content is in no tree.
+        """
+        by_kind: dict[str, set[str]] = {"entry": set(), "moved": set(), "": set()}
+        for r in self.records:
+            if _named(r.path):
+                by_kind.get(r.kind, by_kind[""]).add(r.path)
+        return Scope(
+            frozenset(by_kind[""]), frozenset(by_kind["entry"]), frozenset(by_kind["moved"])
+        )
+
+    def chunks(self, path: str) -> tuple[set[int], int]:
+        """(data chunks recorded for path, first chunk a truncate affected or -1)."""
+        data = {r.chunk for r in self.records if r.path == path and r.kind == "data"}
+        cuts = [r.chunk for r in self.records if r.path == path and r.kind == "truncate"]
+        return data, min(cuts, default=-1)
 
 
 class Journal:
@@ -97,7 +129,7 @@ class Journal:
         os.fdatasync(self._fd)
 
     def clear(self) -> None:
-        """Forget every record, durably: a completed resync covered them all."""
+        """Forget every record (of every epoch), durably: a completed resync covered them."""
         os.ftruncate(self._fd, 0)
         os.fdatasync(self._fd)
         self._seen.clear()
@@ -112,28 +144,16 @@ class Journal:
     @property
     def unclean(self) -> bool:
         """Whether something may have changed that the records do not name."""
-        return ("unclean", "", -1) in self._seen
+        return any(r.kind == "unclean" for r in self._records)
 
-    def scope(self) -> Scope:
-        """What changed, as the records name it: paths, directories whose entries changed,
-        and entries moved (whose subtrees must be compared whole).
+    def changes(self, since: int = 0) -> Changes:
+        """The records from mark `since` (see `new_epoch`) on; all of them by default."""
+        return Changes(tuple(self._records[since:]))
 
-        Names of unlinked inodes ("<unlinked inode N>") are left out: their unlink is an
-        "entry" record of their directory, and their content is in no tree.
-        """
-        by_kind: dict[str, set[str]] = {"entry": set(), "moved": set(), "": set()}
-        for r in self._records:
-            if _named(r.path):
-                by_kind.get(r.kind, by_kind[""]).add(r.path)
-        return Scope(
-            frozenset(by_kind[""]), frozenset(by_kind["entry"]), frozenset(by_kind["moved"])
-        )
-
-    def chunks(self, path: str) -> tuple[set[int], int]:
-        """(data chunks recorded for path, first chunk a truncate affected or -1)."""
-        data = {r.chunk for r in self._records if r.path == path and r.kind == "data"}
-        cuts = [r.chunk for r in self._records if r.path == path and r.kind == "truncate"]
-        return data, min(cuts, default=-1)
+    def new_epoch(self) -> int:
+        """Start deduplicating afresh; returns the mark of the records made from now on."""
+        self._seen.clear()
+        return len(self._records)
 
     def close(self) -> None:
         """A clean stop: the records say everything that changed."""

@@ -15,11 +15,11 @@ from typing import Any
 import pyfuse3
 import trio
 
-from hafs import resync
+from hafs import repair, resync
 from hafs.fs import HafsOperations
 from hafs.journal import Journal
 from hafs.replica import ReplicaServer
-from hafs.replicator import Mode, Replicator
+from hafs.replicator import LIVE_PASSES, Mode, Replicator
 from hafs.state import StateStore
 from hafs.status import StatusServer
 
@@ -36,6 +36,7 @@ class MountConfig:
     timeout: float
     xattrs: bool = True
     alone: bool = False  # start ALONE, as the controller's Mount(ALONE): no connect attempt
+    live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
 
 
 def _prepare_process() -> None:
@@ -57,6 +58,7 @@ def run_mount(cfg: MountConfig) -> None:
     # is the only way left to reach the files underneath.
     root_fd = os.open(cfg.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
+    replicator.live_passes = cfg.live_passes
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal, cfg.alone)
@@ -122,6 +124,7 @@ class MountControl:
         self.replicator = replicator
         self.operations = operations
         self.token: trio.lowlevel.TrioToken | None = None  # set once the loop runs
+        self._repairing = threading.Lock()  # one repair at a time (hafs.repair)
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.token is None:
@@ -129,15 +132,33 @@ class MountControl:
         try:
             if request["cmd"] == "mirror":
                 report = trio.from_thread.run(
-                    resync.rejoin, self.replicator, self.operations, trio_token=self.token
+                    resync.rejoin,
+                    self.replicator,
+                    self.operations,
+                    bool(request.get("full")),
+                    trio_token=self.token,
                 )
                 return report.reply()
+            if request["cmd"] == "repair":
+                return self._repair(request.get("paths"))
             if request["cmd"] == "alone":
                 reason = str(request.get("reason") or "asked to go ALONE")
                 return trio.from_thread.run_sync(self._alone, reason, trio_token=self.token)
         except (trio.RunFinishedError, trio.Cancelled):
             return {"ok": False, "message": "the mount is stopping"}
         return {"ok": False, "message": f"unknown command {request['cmd']!r}"}
+
+    def _repair(self, paths: object) -> dict[str, Any]:
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            return {"ok": False, "message": "bad request: paths must be a list of paths"}
+        if not self._repairing.acquire(blocking=False):
+            return {"ok": False, "message": "a repair is already running"}
+        try:
+            return trio.from_thread.run(
+                repair.repair, self.replicator, self.operations, paths, trio_token=self.token
+            )
+        finally:
+            self._repairing.release()
 
     def _alone(self, reason: str) -> dict[str, Any]:
         rep = self.replicator

@@ -65,6 +65,10 @@ class FrameType(IntEnum):
     RESYNC_DONE = 10
     MODULE = 11  # admin: JSON header line + a zipped module, to install on the peer
     MODULE_RESULT = 12  # admin: JSON {"ok", "message"}
+    # verify client <-> replica: JSON {"block", "salt", "items": [[path, first, count]]};
+    # answered by BLOCKS frames of records (hafs.blocks), an empty one ends each reply
+    BLOCKS_REQ = 13
+    BLOCKS = 14
 
 
 ACK_BODY = struct.Struct("!Q")

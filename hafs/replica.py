@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from hafs import _libc, manifest, ops, wire
+from hafs import _libc, blocks, manifest, ops, wire
 from hafs import protocol as p
 from hafs.apply import Applier
 from hafs.state import StateStore
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 LINGER_TIMEOUT = 10.0  # after refusing an op, for the primary to read why and hang up
+SETTLE_TIMEOUT = 60.0  # at exit, for the session's copy to be synced
+VERIFY_IDLE_TIMEOUT = 900.0  # between the requests of a VERIFY connection
+JOURNAL = "journal"  # a mount's ALONE journal in the same state directory (hafs.mount)
 MANIFEST_CHUNK = 4 << 20
 
 
@@ -54,9 +57,18 @@ class ReplicaServer:
         self.listener = socket.create_server(listen, reuse_port=False)
         self.listen_addr = self.listener.getsockname()[:2]
         self._mirror_lock = threading.Lock()
+        self._waiting = 0  # sessions waiting for the lock, to replace the current one
+        self._waiting_lock = threading.Lock()
         self._mirror_sock: socket.socket | None = None
         self.stats = ReplicaStats()
         self._stop = threading.Event()
+        if state.current.applying:
+            # The last session ended with its copy not synced: this process or its node
+            # crashed, which may have kept a file's new mtime and lost its new data. Nor
+            # is the copy surely that session's any more: a primary's journal, which
+            # names only what changed after it, must not be trusted (hafs.resync).
+            log.warning("the last session was cut off before its copy was synced: not exact")
+            state.update(exact="", applying=False, replica_of="")
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -84,6 +96,10 @@ class ReplicaServer:
             threading.Thread(
                 target=self._handle, args=(conn, peer), daemon=True, name=f"conn-{peer}"
             ).start()
+        # Let a session stopped by stop() sync its copy and say so (`applying`), or the
+        # next start would take the copy for one cut off by a crash.
+        if self._mirror_lock.acquire(timeout=SETTLE_TIMEOUT):
+            self._mirror_lock.release()
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
         with conn:
@@ -101,15 +117,19 @@ class ReplicaServer:
             if purpose is p.Purpose.MIRROR:
                 self._mirror(conn, peer, keys)
             else:
-                self._send_manifest(conn, peer, keys)
+                self._verify(conn, peer, keys)
 
     def _mirror(self, conn: socket.socket, peer: str, keys: p.SessionKeys) -> None:
+        with self._waiting_lock:
+            self._waiting += 1
         old = self._mirror_sock
         if old is not None:  # a new primary session supersedes a dead one
             log.info("new stream from %s replaces the previous one", peer)
             with contextlib.suppress(OSError):  # it may be gone already
                 old.shutdown(socket.SHUT_RDWR)
         with self._mirror_lock:
+            with self._waiting_lock:
+                self._waiting -= 1
             self._mirror_sock = conn
             self.stats.sessions += 1
             self.stats.mode = "APPLYING"
@@ -120,20 +140,23 @@ class ReplicaServer:
                 self.stats.mode = "LISTENING"
                 self.stats.synced = False
 
-    def _send_manifest(self, conn: socket.socket, peer: str, keys: p.SessionKeys) -> None:
+    def _verify(self, conn: socket.socket, peer: str, keys: p.SessionKeys) -> None:
+        """A VERIFY connection: one manifest request, or block requests until it closes."""
         reader, writer = p.FrameReader(keys.recv), p.FrameWriter(keys.send)
+        conn.settimeout(VERIFY_IDLE_TIMEOUT)  # a client that went away frees its thread
         try:
-            frames = wire.recv_frames(conn, reader)
-            if not frames or frames[0].ftype is not p.FrameType.MANIFEST_REQ:
-                raise p.ProtocolError("expected a manifest request")
-            data = self._manifest(bytes(frames[0].payload))
-            for start in range(0, len(data), MANIFEST_CHUNK):
-                conn.sendall(
-                    b"".join(
-                        writer.seal(p.FrameType.MANIFEST, data[start : start + MANIFEST_CHUNK])
-                    )
-                )
-            conn.sendall(b"".join(writer.seal(p.FrameType.MANIFEST)))
+            while frames := wire.recv_frames(conn, reader):
+                for frame in frames:
+                    if frame.ftype is p.FrameType.MANIFEST_REQ:
+                        data = self._manifest(bytes(frame.payload))
+                        _send_chunked(conn, writer, p.FrameType.MANIFEST, data)
+                        return
+                    if frame.ftype is not p.FrameType.BLOCKS_REQ:
+                        why = f"expected a manifest request or a block request: {frame.ftype.name}"
+                        raise p.ProtocolError(why)
+                    request = blocks.BlockRequest.from_bytes(bytes(frame.payload))
+                    data = blocks.reply(self.root_fd, request, self.copy_exact())
+                    _send_chunked(conn, writer, p.FrameType.BLOCKS, data)
         except (p.ProtocolError, OSError, manifest.ManifestError) as e:
             log.warning("verify request from %s failed: %s", peer, e)
 
@@ -145,6 +168,9 @@ class ReplicaServer:
         """
         if not request:
             return manifest.to_bytes(manifest.build_manifest(self.root_fd))
+        if request == wire.WHOLE_WITHOUT_DIGESTS:
+            whole = manifest.build_manifest(self.root_fd, digests=False, workers=manifest.WORKERS)
+            return manifest.to_bytes(whole)
         try:
             scope = manifest.Scope.from_json(json.loads(request))
         except ValueError as e:  # ManifestError included
@@ -155,6 +181,51 @@ class ReplicaServer:
     def root_id(self) -> str:
         st = os.fstat(self.root_fd)
         return f"{st.st_dev}:{st.st_ino}"
+
+    def session_waiting(self) -> bool:
+        with self._waiting_lock:
+            return self._waiting > 0
+
+    def history(self) -> str:
+        """What describes the changes made to this directory other than by replication.
+
+        A mount on it that makes a change its peer may not have goes ALONE (`mode`,
+        `generation`), journals it (the journal grows) or dies with the journal open
+        (`journal.live` stays, see `copy_exact`): each changes this, or is seen there.
+        """
+        current = self.state.current
+        try:
+            journal = (self.state.dir / JOURNAL).stat().st_size
+        except FileNotFoundError:
+            journal = 0
+        return f"{self.root_id()} {current.mode} {current.generation} {journal}"
+
+    def copy_exact(self) -> bool:
+        """Whether every file's size and mtime tell its content (hafs.resync may compare by
+        them alone): since the copy was made identical to a primary's and durable, only
+        replication ops changed it, each applied whole and synced before its session
+        ended (else `applying` voided it at start), and no mount changed it unreplicated.
+        """
+        exact = self.state.current.exact
+        live = (self.state.dir / f"{JOURNAL}.live").exists()  # a mount died here
+        return bool(exact) and exact == self.history() and not live
+
+    def mark_exact(self) -> str:
+        """The `exact` of a copy just made identical to a primary's and durable.
+
+        A `journal.live` left by a mount that died here before is removed: the copy is no
+        longer what that mount left, and one found from now on is a later mount's.
+        """
+        (self.state.dir / f"{JOURNAL}.live").unlink(missing_ok=True)
+        return self.history()
+
+    def sync_copy(self) -> None:
+        """Flush the whole copy to disk (syncfs on its file system)."""
+        fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
 
     def completed_session(self) -> str:
         """The token of the last session completed on this very directory, or ""."""
@@ -191,7 +262,15 @@ class MirrorSession:
         # and the primary's: a crash in between must not leave it claiming to be up to date.
         # Nor may it claim any earlier session's copy (replica_of): ops of this one follow.
         # A mount's token kept in this state directory is void too: it applies here no more.
-        state.update(role="replica", session_open=True, uptodate=False, replica_of="", session="")
+        # `applying`: a crash before this session's copy is synced voids `exact`.
+        state.update(
+            role="replica",
+            session_open=True,
+            uptodate=False,
+            replica_of="",
+            session="",
+            applying=True,
+        )
         clean = False
         try:
             clean = self._loop()
@@ -203,11 +282,30 @@ class MirrorSession:
         finally:
             self.syncs.shutdown(wait=True)
             self.applier.close()
+            self._settle()
         if clean:
             state.update(session_open=False)
             log.info("stream from %s ended cleanly", self.peer)
         elif self.failed:
             self._linger()
+
+    def _settle(self) -> None:
+        """However the session ended: sync what it applied, then clear `applying`. Each op
+        was applied whole, so the copy stays exact once on disk.
+
+        Not while another session waits to start: it would wait for the sync, and its
+        primary's watchdog with it. `applying` stays set, and that session's end syncs
+        for both.
+        """
+        if self.server.session_waiting():
+            return
+        try:
+            self.server.sync_copy()
+        except OSError as e:
+            log.error("syncfs after the stream from %s failed: %s: copy not exact", self.peer, e)
+            self.server.state.update(exact="", applying=False)
+            return
+        self.server.state.update(applying=False)
 
     def _linger(self) -> None:
         """After FAILED: drop what the primary still sends until it hangs up. Closing with
@@ -281,11 +379,7 @@ class MirrorSession:
 
     def _sync_copy(self, seq: int, copied: bool, token: str = "") -> None:
         try:
-            fd = os.open(f"/proc/self/fd/{self.server.root_fd}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _libc.syncfs(fd)  # the copy must survive a crash before uptodate says so
-            finally:
-                os.close(fd)
+            self.server.sync_copy()  # the copy must survive a crash before uptodate says so
         except OSError as e:
             self._refuse(seq, e.errno or errno.EIO, f"syncfs failed: {e}")
             with contextlib.suppress(OSError):
@@ -295,7 +389,10 @@ class MirrorSession:
             if self.failed:
                 return
             replica_of = f"{token}@{self.server.root_id()}" if token else ""
-            self.server.state.update(uptodate=True, replica_of=replica_of)
+            exact = self.server.state.current.exact
+            if copied:  # the copy is identical to the primary's, and now durable
+                exact = self.server.mark_exact()
+            self.server.state.update(uptodate=True, replica_of=replica_of, exact=exact)
             self.server.stats.synced = True
         log.info("stream from %s: copy %s", self.peer, "resynchronised" if copied else "in sync")
         with contextlib.suppress(OSError):  # a broken stream is noticed by the main loop
@@ -331,3 +428,12 @@ class MirrorSession:
             except OSError:
                 if ftype is not p.FrameType.FAILED:
                     raise
+
+
+def _send_chunked(
+    conn: socket.socket, writer: p.FrameWriter, ftype: p.FrameType, data: bytes
+) -> None:
+    """data in frames of at most MANIFEST_CHUNK, then an empty frame that ends it."""
+    for start in range(0, len(data), MANIFEST_CHUNK):
+        conn.sendall(b"".join(writer.seal(ftype, data[start : start + MANIFEST_CHUNK])))
+    conn.sendall(b"".join(writer.seal(ftype)))

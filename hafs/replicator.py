@@ -8,7 +8,7 @@ every op up to n was applied; SYNCED n means the FSYNC op n is durable on the re
 
 A stream is one session; `run` owns them. The first is opened at start (unless the mount
 starts ALONE); later ones by a resync (hafs.resync), which goes ALONE -> RESYNC -> MIRROR.
-While a resync copies the tree, mutating calls wait at a gate (`begin_change`).
+While a resync's last pass copies the tree, mutating calls wait at a gate (`begin_change`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from hafs.state import StateStore
 log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPT_TIMEOUT = 2.0
+# A rejoin's passes that copy while the application writes, at most, before the last one
+# that pauses its writes (hafs.resync).
+LIVE_PASSES = 4
 IOV_BATCH = 512  # below IOV_MAX (1024)
 
 
@@ -98,6 +101,7 @@ class Replicator:
         self._gate: trio.Event | None = None  # set while mutating calls must wait
         self.resync_scope: trio.CancelScope | None = None  # the running resync's
         self.resync_status: dict[str, object] = {}
+        self.live_passes = LIVE_PASSES
         self.sent_ops = 0
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED

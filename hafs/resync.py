@@ -1,38 +1,47 @@
 """The resync: make the replica's copy identical to the primary's tree, then mirror (I6).
 
-Mutating calls wait while what differs is sent; reads go on (docs/datapath.md). The steps:
+The application goes on writing while the copy runs (docs/datapath.md). The steps:
 
 1. decide whether the ALONE journal can be trusted (`_untrusted`): then only the paths it
-   names are compared; otherwise fetch the replica's whole manifest (a VERIFY connection;
-   calls still go on, journaled);
-2. open a MIRROR session and pause mutating calls: from here the primary's tree is still;
-3. build the primary's manifest (whole, or partial manifests of the journaled paths on both
-   sides, `_narrowed`) and `plan_resync`: what to remove, create, rewrite, fix;
-4. `TreeCopy` sends it with the ordinary ops, named by the primary's inode numbers as the
-   mount names them, so the replica's Applier (and its confinement, I4) does all the work;
-5. bind every inode the mount's node table knows, send RESYNC_DONE, switch to MIRROR and
-   let the calls go on; once the replica acknowledged RESYNC_DONE the journal is cleared.
+   names are compared; otherwise fetch the replica's whole manifest (a VERIFY connection);
+2. open a MIRROR session; the calls go on ALONE, journaled, in a new journal epoch;
+3. pass 1: build the primary's manifest (whole, or partial manifests of the journaled
+   paths on both sides, `_narrowed`) and `plan_resync`: what to remove, create, rewrite,
+   fix; `TreeCopy` sends it with the ordinary ops, named by the primary's inode numbers as
+   the mount names them, so the replica's Applier (and its confinement, I4) does the work;
+4. each later pass compares only what the journal recorded since the previous pass began,
+   as a live migration's pre-copy rounds do, until a pass is short;
+5. the last pass runs with mutating calls paused, so the primary's tree is still: it
+   copies what changed during the previous pass, binds every inode the mount's node table
+   knows, sends RESYNC_DONE, switches to MIRROR and lets the calls go on. Once the replica
+   made it durable, the journal is cleared.
+
+A pass that copies while the tree changes may read a file half-way through a change or
+find a name gone: every such change is journaled after the pass began (its epoch), so the
+next pass compares it again; only the last pass, on a still tree, must be exact.
 
 Any failure goes back to ALONE with the journal untouched and the calls released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
-from hafs import manifest, wire
+from hafs import blocks, manifest, wire
 from hafs import protocol as p
-from hafs.journal import Journal
+from hafs.journal import Changes
 from hafs.manifest import Entry
 from hafs.ops import ROOT_INO, FileTimes, Op, OpFrame
 from hafs.replicator import Mode, Replicator, ResyncInterrupted
@@ -50,6 +59,9 @@ WINDOW_BYTES = 16 << 20
 WINDOW_OPS = 4096
 # A replica reads its whole tree before it answers a manifest request.
 MANIFEST_BUILD_TIMEOUT = 3600.0
+# ... and every file of a batch (up to 4 GiB, hashed WORKERS at a time) before it answers
+# a block request.
+BLOCKS_TIMEOUT = 600.0
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
 _EXPECTED_FAILURES = (
@@ -68,7 +80,7 @@ class ResyncReport:
     ok: bool = False
     message: str = ""
     files_checked: int = 0  # entries of the primary's tree compared
-    files_copied: int = 0  # regular files whose content was sent
+    files_copied: int = 0  # regular files whose content was sent (once each, any pass)
     bytes_sent: int = 0  # content bytes sent
     seconds: float = 0.0
     removed: int = 0
@@ -76,10 +88,27 @@ class ResyncReport:
     updated: int = 0  # entries kept whose metadata was set again
     skipped: list[str] = field(default_factory=list)  # device nodes: no replica makes them
     journal: bool = False  # only the paths the ALONE journal names were compared
+    passes: int = 0  # copies made while the application wrote, then the paused last one
+    paused_seconds: float = 0.0  # how long the last pass held the application's writes
     full_reason: str = ""  # why the whole trees were compared instead
+    # Progress: content the plans may send, and how much of it was compared or sent.
+    bytes_planned: int = 0
+    bytes_done: int = 0
+
+    _copied: set[str] = field(default_factory=set, repr=False)
+    _started: float = field(default_factory=time.monotonic, repr=False)
 
     def reply(self) -> dict[str, object]:
-        return asdict(self)
+        reply = asdict(self)
+        del reply["_copied"], reply["_started"]
+        reply["elapsed"] = round(time.monotonic() - self._started, 3)
+        return reply
+
+    def copied(self, path: str) -> None:
+        """Count a file whose content was sent; a later pass sending it again does not."""
+        if path not in self._copied:
+            self._copied.add(path)
+            self.files_copied += 1
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -100,8 +129,21 @@ class ResyncPlan:
         return sorted(self.create | self.rewrite | self.refresh, key=dfs_key)
 
 
-def plan_resync(local: dict[str, Entry], remote: dict[str, Entry]) -> ResyncPlan:
-    """Compare the primary's manifest (local) with the replica's."""
+def plan_resync(
+    local: dict[str, Entry],
+    remote: dict[str, Entry],
+    *,
+    size_mtime_trusted: bool = False,
+    suspects: Collection[str] = frozenset(),
+) -> ResyncPlan:
+    """Compare the primary's manifest (local) with the replica's.
+
+    `rewrite` holds the files on both sides whose content may differ, which TreeCopy
+    compares by block hashes: decided by the digests where both manifests have them;
+    without (cheap manifests), by size and mtime if `size_mtime_trusted`
+    (`cheap_compare_trusted` says when), else every file may differ. `suspects` (paths a
+    journal names) may differ whatever the manifests say.
+    """
     local_links, remote_links = _link_members(local), _link_members(remote)
 
     def replaced(path: str) -> bool:
@@ -122,7 +164,8 @@ def plan_resync(local: dict[str, Entry], remote: dict[str, Entry]) -> ResyncPlan
     rewrite = frozenset(
         path
         for path in both
-        if local[path].kind == "file" and _content_differs(local[path], remote[path])
+        if local[path].kind == "file"
+        and (path in suspects or _content_differs(local[path], remote[path], size_mtime_trusted))
     )
     refresh = frozenset(
         path for path in both - rewrite if _metadata_differs(local[path], remote[path])
@@ -172,8 +215,34 @@ def _link_members(m: dict[str, Entry]) -> dict[str, set[str]]:
     return {path: groups[m[path].link_group] for path in m if m[path].link_group}
 
 
-def _content_differs(a: Entry, b: Entry) -> bool:
-    return a.size != b.size or a.digest != b.digest
+def _content_differs(a: Entry, b: Entry, size_mtime_trusted: bool) -> bool:
+    if a.size != b.size:
+        return True
+    if a.digest and b.digest:
+        return a.digest != b.digest
+    return a.size > 0 and (a.mtime_ns != b.mtime_ns or not size_mtime_trusted)
+
+
+def cheap_compare_trusted(replica_exact: bool, journal_unclean: bool) -> bool:
+    """Whether files of equal size and mtime on both sides may be taken as equal in
+    content, so that a whole comparison reads none of them (I6; issue 4's "cheaply
+    first"). Otherwise every file is compared by block hashes: both sides read it all,
+    only differing blocks are sent.
+
+    Kernel timestamps are coarse (a tick is ~4 ms): a write that never reached the other
+    side, made in the same tick as one that did, leaves both files with the same size and
+    mtime and different bytes. Such writes exist
+    - on the replica's side unless its copy is exact (hafs.replica `copy_exact`): a mount
+      on its directory died with writes in flight, or went ALONE and wrote what only its
+      own journal knows; or the replica crashed mid-session (a new mtime on disk, the
+      new data lost);
+    - on our side if our journal is unclean: this mount crashed while mirroring, and
+      writes in flight then reached our disk only, named by no journal.
+    Writes in flight when we went ALONE are journaled: the caller passes the journaled
+    paths as `suspects` to `plan_resync`. Any other difference was made at least a role
+    change (seconds) after both sides last agreed, so its mtime is another tick's.
+    """
+    return replica_exact and not journal_unclean
 
 
 def _metadata_differs(a: Entry, b: Entry) -> bool:
@@ -249,8 +318,13 @@ class TreeCopy:
         remote: dict[str, Entry],
         report: ResyncReport,
         ranges: dict[str, set[int]] | None = None,
+        missed: Callable[[str], None] | None = None,
     ) -> None:
         self.rep = rep
+        # Set when the application writes while this copy runs: an entry that changed
+        # under the copy (gone, replaced) is handed to it and skipped; the journal names
+        # the change, and the next pass compares it again.
+        self.missed = missed
         # Files whose only changes are journaled chunks: only those chunks are sent.
         self.ranges = ranges or {}
         self.root_fd = root_fd
@@ -264,6 +338,7 @@ class TreeCopy:
         self._window_ops = 0
         self._linked: set[int] = set()  # made in this copy; later names of it are LINKs
         self._written: set[int] = set()  # content sent (hard links share it)
+        self._hashes: blocks.RemoteHashes | None = None  # the replica's, while run() runs
 
     def ino(self, entry: Entry) -> int:
         """The mount's name for an entry: its st_ino, but ROOT_INO for the root."""
@@ -296,12 +371,51 @@ class TreeCopy:
         self._checkpoint, self._window_bytes, self._window_ops = self._last_seq, 0, 0
         self.rep.resync_status.update(self.report.reply())  # progress, for the status
 
+    async def settled(self) -> None:
+        """Wait until the replica applied every op sent so far."""
+        await self.rep.applied(self._last_seq)
+
+    @contextlib.contextmanager
+    def _entry(self, path: str) -> Iterator[None]:
+        """Work on one entry; while the tree is live, one that changed under us is missed."""
+        if self.missed is None:
+            yield
+            return
+        try:
+            yield
+        except OSError as e:
+            log.info("resync: %s changed during the copy (%s): left to the next pass", path, e)
+            self.missed(path)
+
     # -- the three passes -----------------------------------------------------------------
 
     async def run(self, plan: ResyncPlan) -> None:
-        await self._remove(plan)
-        await self._update(plan)
-        await self._set_dir_times(plan.touched_dirs)
+        client = self._hashes_from_replica(plan)
+        try:
+            await self._remove(plan)
+            await self._update(plan)
+            await self._set_dir_times(plan.touched_dirs)
+        finally:
+            if self._hashes is not None:
+                self._hashes.close()
+            client.close()  # ends a fetch under way
+            self._hashes = None
+
+    def _hashes_from_replica(self, plan: ResyncPlan) -> wire.BlockClient:
+        """Ask the replica for the block hashes of the files to rewrite block by block (in
+        the order `_update` visits them, each inode once), in batches fetched ahead."""
+        assert self.rep.peer is not None and self.rep.key is not None
+        items: list[blocks.BlockItem] = []
+        inodes: set[int] = set()
+        for path in plan.updates():
+            entry = self.local[path]
+            if path in plan.rewrite and path not in self.ranges and entry.ino not in inodes:
+                inodes.add(entry.ino)
+                items += blocks.split(path, entry.size)
+        timeout = max(self.rep.timeout, 2.0)
+        client = wire.BlockClient(self.rep.peer, self.rep.key, timeout, BLOCKS_TIMEOUT)
+        self._hashes = blocks.RemoteHashes(client.hashes, items, os.urandom(blocks.SALT_LEN))
+        return client
 
     async def _remove(self, plan: ResyncPlan) -> None:
         gone = set(plan.remove)
@@ -315,20 +429,22 @@ class TreeCopy:
 
         binder = _Binder(self.send, ino_of)
         for path in plan.remove:
-            parent = binder.enter(parent_of(path))
-            op = Op.RMDIR if self.remote[path].kind == "dir" else Op.UNLINK
-            self.send(OpFrame(op, (parent,), (_name(path),)))
-            self.report.removed += 1
+            with self._entry(path):
+                parent = binder.enter(parent_of(path))
+                op = Op.RMDIR if self.remote[path].kind == "dir" else Op.UNLINK
+                self.send(OpFrame(op, (parent,), (_name(path),)))
+                self.report.removed += 1
             await self.pace()
         binder.release()
 
     async def _update(self, plan: ResyncPlan) -> None:
         binder = _Binder(self.send, self.path_ino)
         for path in plan.updates():
-            if path in plan.create:
-                await self._create(binder, path)
-            else:
-                await self._fix(binder, path, path in plan.rewrite)
+            with self._entry(path):
+                if path in plan.create:
+                    await self._create(binder, path)
+                else:
+                    await self._fix(binder, path, path in plan.rewrite)
             await self.pace()
         binder.release()
         for ino in self._linked:
@@ -338,8 +454,9 @@ class TreeCopy:
         """Last: making and removing names changed the directories' times on the replica."""
         binder = _Binder(self.send, self.path_ino)
         for path in dirs:
-            ino = binder.enter(path)
-            self.send(OpFrame(Op.TIMES, times=(self._times(ino, path),)))
+            with self._entry(path):
+                ino = binder.enter(path)
+                self.send(OpFrame(Op.TIMES, times=(self._times(ino, path),)))
             await self.pace()
         binder.release()
 
@@ -381,13 +498,19 @@ class TreeCopy:
             self.report.updated += 1
             return
         ino = self.ino(entry)
-        self.send(OpFrame(Op.BIND, (ino, binder.enter(parent_of(path))), (_name(path),)))
-        if rewrite and path in self.ranges:
-            await self._copy_chunks(path, ino, entry.size, self.ranges[path])
-        elif rewrite and ino not in self._written:
-            await self._copy_content(path, ino, entry.size, truncate=True)
-        elif not rewrite:
-            self.report.updated += 1
+        bind = OpFrame(Op.BIND, (ino, binder.enter(parent_of(path))), (_name(path),))
+        if rewrite and path not in self.ranges and ino not in self._written:
+            if not await self._copy_delta(path, ino, entry.size, bind):
+                if not _metadata_differs(entry, old):
+                    return  # the same bytes and metadata after all: nothing to send
+                self.send(bind)
+                self.report.updated += 1
+        else:
+            self.send(bind)
+            if rewrite and path in self.ranges:
+                await self._copy_chunks(path, ino, entry.size, self.ranges[path])
+            elif not rewrite:
+                self.report.updated += 1
         self._set_metadata(ino, entry, old)
         self._finish(path, ino, entry)
 
@@ -414,6 +537,7 @@ class TreeCopy:
                 data = await trio.to_thread.run_sync(os.pread, fd, CHUNK, offset)
                 if not data:
                     break
+                self.report.bytes_done += len(data)
                 if data != ZEROS[: len(data)]:
                     self.send(OpFrame(Op.WRITE, (ino, offset), (data,)))
                     self.report.bytes_sent += len(data)
@@ -422,7 +546,73 @@ class TreeCopy:
         finally:
             os.close(fd)
         self._written.add(ino)
-        self.report.files_copied += 1
+        self.report.copied(path)
+        log.debug("resync: %s: sent whole, %d bytes", path, size)
+
+    async def _copy_delta(self, path: str, ino: int, size: int, bind: OpFrame) -> bool:
+        """Send only the blocks whose hashes differ from the replica's (hafs.blocks), after
+        a truncate to our size if the sizes differ; the replica's blocks past its old end
+        are zeros then, so runs of zeros stay holes. `bind` (the file's BIND) goes first,
+        if anything is sent at all: returns whether it was."""
+        assert self._hashes is not None
+        hasher = blocks.Hasher(blocks.BLOCK, self._hashes.salt)
+        before = self.report.bytes_sent
+        sent = whole = False
+
+        def send(frame: OpFrame) -> None:
+            nonlocal sent
+            if not sent:
+                self.send(bind)
+                sent = True
+            self.send(frame)
+
+        fd = _open_for_copy(self.root_fd, path)
+        try:
+            for item in blocks.split(path, size):
+                get = functools.partial(self._hashes.get, item)
+                theirs = await trio.to_thread.run_sync(get, abandon_on_cancel=True)
+                if theirs is None:  # no such file there any more: send ours whole
+                    whole = True
+                    break
+                if item.first == 0 and theirs.size != size:
+                    send(OpFrame(Op.TRUNCATE, (ino, size)))
+                await self._send_differing(send, fd, ino, item, size, hasher, theirs)
+        finally:
+            os.close(fd)
+        if whole:
+            if not sent:
+                self.send(bind)
+            await self._copy_content(path, ino, size, truncate=True)
+            return True
+        self._written.add(ino)
+        if sent:
+            self.report.copied(path)
+        log.debug("resync: %s: %d bytes of %d differ", path, self.report.bytes_sent - before, size)
+        return sent
+
+    async def _send_differing(
+        self,
+        send: Callable[[OpFrame], None],
+        fd: int,
+        ino: int,
+        item: blocks.BlockItem,
+        size: int,
+        hasher: blocks.Hasher,
+        theirs: blocks.FileBlocks,
+    ) -> None:
+        offset = item.first * hasher.block
+        end = min(size, offset + item.count * hasher.block)
+        while offset < end:
+            read = functools.partial(_differing, fd, offset, end, hasher, theirs)
+            length, runs = await trio.to_thread.run_sync(read)
+            if not length:
+                return  # shorter than the manifest said: changed under a live pass
+            self.report.bytes_done += length
+            for at, data in runs:
+                send(OpFrame(Op.WRITE, (ino, at), (data,)))
+                self.report.bytes_sent += len(data)
+            offset += length
+            await self.pace()
 
     async def _copy_chunks(self, path: str, ino: int, size: int, chunks: set[int]) -> None:
         """Send only these 1 MiB chunks: the rest of the replica's file is already ours."""
@@ -431,13 +621,14 @@ class TreeCopy:
         try:
             for chunk in sorted(c for c in chunks if c * CHUNK < size):
                 data = await trio.to_thread.run_sync(os.pread, fd, CHUNK, chunk * CHUNK)
+                self.report.bytes_done += len(data)
                 self.send(OpFrame(Op.WRITE, (ino, chunk * CHUNK), (data,)))  # zeros too
                 self.report.bytes_sent += len(data)
                 await self.pace()
         finally:
             os.close(fd)
         self._written.add(ino)
-        self.report.files_copied += 1
+        self.report.copied(path)
 
     def _set_metadata(self, ino: int, entry: Entry, old: Entry) -> None:
         owner_changed = (entry.uid, entry.gid) != (old.uid, old.gid)
@@ -533,6 +724,14 @@ class TreeCopy:
         self.send(OpFrame(Op.UNLINK, (ROOT_INO,), (name,)))
 
 
+def _differing(
+    fd: int, offset: int, end: int, hasher: blocks.Hasher, theirs: blocks.FileBlocks
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """Read up to a CHUNK of ours from offset: (bytes read, runs that differ)."""
+    data = hasher.read(fd, offset, end)
+    return len(data), blocks.differing_runs(data, offset, hasher, theirs)
+
+
 def _open_for_copy(root_fd: int, path: str) -> int:
     try:
         # O_NOATIME: a resync must not make every file look recently read.
@@ -544,8 +743,10 @@ def _open_for_copy(root_fd: int, path: str) -> int:
 # ---------------------------------------------------------------------------- rejoin
 
 
-async def rejoin(rep: Replicator, mount: HafsOperations) -> ResyncReport:
-    """Bring the peer back: ALONE -> RESYNC -> MIRROR, or back to ALONE on failure."""
+async def rejoin(rep: Replicator, mount: HafsOperations, full: bool = False) -> ResyncReport:
+    """Bring the peer back: ALONE -> RESYNC -> MIRROR, or back to ALONE on failure.
+
+    `full`: compare the whole trees even if the journal could narrow the comparison."""
     report = ResyncReport()
     if rep.mode is not Mode.ALONE:
         report.ok, report.message = _not_alone(rep.mode)
@@ -556,7 +757,7 @@ async def rejoin(rep: Replicator, mount: HafsOperations) -> ResyncReport:
     try:
         # Cancelled by degrade(): the peer failed, or the mount was told to go ALONE.
         with trio.CancelScope() as rep.resync_scope:
-            await _rejoin(rep, mount, report)
+            await _rejoin(rep, mount, report, full)
     except _EXPECTED_FAILURES as e:
         failure = str(e) or type(e).__name__
     except Exception as e:  # a bug must not leave the calls paused or the mode RESYNC
@@ -573,47 +774,115 @@ async def rejoin(rep: Replicator, mount: HafsOperations) -> ResyncReport:
     return report
 
 
-async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport) -> None:
+# A live pass shorter than this leaves little for the paused pass: pause now.
+SHORT_PASS = 1.0
+
+
+async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport, full: bool) -> None:
     """The steps of the module docstring."""
     _progress(rep, report, "checking the journal")
-    report.full_reason = await _untrusted(rep)
+    report.full_reason = "a full comparison was asked for" if full else await _untrusted(rep)
+    since = 0  # pass 1 compares all the journal names (when it can be trusted)
     remote: dict[str, Entry] | None = None
     if report.full_reason:
         remote = await _fetch_whole(rep, report)
+    # Asked before pass 1 records "unclean": whether the journal was clean before it.
+    assert rep.peer is not None and rep.key is not None
+    exact = await trio.to_thread.run_sync(
+        wire.fetch_exact, rep.peer, rep.key, max(rep.timeout, 2.0), abandon_on_cancel=True
+    )
+    cheap = cheap_compare_trusted(exact, rep.journal.unclean)
     _progress(rep, report, "connecting")
     await rep.open_session()
-    rep.pause_changes()
+    last = False
+    while True:
+        report.passes += 1
+        last = last or report.passes > rep.live_passes
+        started = trio.current_time()
+        if last:
+            rep.pause_changes()
+        mark = rep.journal.new_epoch()  # what changes from here, the next pass compares
+        changes = rep.journal.changes(since=since)
+        copy = await _pass(rep, mount, report, changes, remote, live=not last, cheap=cheap)
+        if last:
+            report.paused_seconds = round(trio.current_time() - started, 3)
+            break
+        await copy.settled()  # the next pass compares the replica's tree with this pass in
+        since, remote = mark, None
+        last = trio.current_time() - started < SHORT_PASS
+    marker = rep.finish_resync()
+    _progress(rep, report, "waiting for the replica")
+    await rep.confirm_mirror(marker)
+
+
+async def _pass(
+    rep: Replicator,
+    mount: HafsOperations,
+    report: ResyncReport,
+    changes: Changes,
+    remote: dict[str, Entry] | None,
+    live: bool,
+    cheap: bool,
+) -> TreeCopy:
+    """Compare (the whole trees when `remote` is given, else what `changes` names) and
+    copy what differs. With `live`, the tree may change meanwhile (module docstring).
+
+    Whole trees are compared by size and mtime where `cheap` (`cheap_compare_trusted`),
+    except the paths `changes` names; else every file by block hashes."""
     root_fd = mount.nodes[ROOT_INO].fd
     local: dict[str, Entry] | None = None
     narrowed: Narrowed | None = None
     if remote is None:
-        _progress(rep, report, "comparing the journaled paths")
-        found = await _narrowed(rep, root_fd)
+        _progress(rep, report, f"pass {report.passes}: comparing the journaled paths")
+        found = await _narrowed(rep, root_fd, changes.scope())
         if isinstance(found, str):  # the journal cannot say it all: compare everything
             report.full_reason = found
             remote = await _fetch_whole(rep, report)
         else:
             narrowed, local, remote = found, found.local, found.remote
     if local is None:
-        _progress(rep, report, "reading the primary's tree")
-        local = await trio.to_thread.run_sync(
-            manifest.build_manifest, root_fd, abandon_on_cancel=True
+        _progress(rep, report, f"pass {report.passes}: reading the primary's tree")
+        build = functools.partial(
+            manifest.build_manifest, root_fd, digests=False, workers=manifest.WORKERS
         )
-    report.journal = narrowed is not None
-    report.files_checked = len(local)
-    plan = await trio.to_thread.run_sync(plan_resync, local, remote)  # reads go on
+        local = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
+    if report.passes == 1:
+        report.journal = narrowed is not None
+    report.files_checked += len(local)
+    suspects = changes.scope().paths if narrowed is None else frozenset()
+    compare = functools.partial(
+        plan_resync, local, remote, size_mtime_trusted=cheap, suspects=suspects
+    )
+    plan = await trio.to_thread.run_sync(compare)  # reads go on
     # From here the peer's copy is neither its old self nor ours until RESYNC_DONE is
     # answered (which clears the journal): if this resync fails, only a whole comparison
     # can tell what it holds.
     rep.journal.record("unclean", "", 0)
-    ranges = narrowed.ranges(rep.journal, plan) if narrowed else None
-    copy = TreeCopy(rep, root_fd, mount.root_st_ino, local, remote, report, ranges)
-    _progress(rep, report, "copying")
+    ranges = narrowed.ranges(changes, plan) if narrowed else None
+    report.bytes_planned += _content_bytes(plan, local, ranges or {})
+    missed = functools.partial(_missed, rep) if live else None
+    copy = TreeCopy(rep, root_fd, mount.root_st_ino, local, remote, report, ranges, missed)
+    _progress(rep, report, f"pass {report.passes}: copying")
     await copy.run(plan)
-    copy.bind_known(mount.nodes, mount.path_of if narrowed else None)
-    marker = rep.finish_resync()
-    _progress(rep, report, "waiting for the replica")
-    await rep.confirm_mirror(marker)
+    if not live:
+        copy.bind_known(mount.nodes, mount.path_of if narrowed else None)
+    return copy
+
+
+def _content_bytes(plan: ResyncPlan, local: dict[str, Entry], ranges: dict[str, set[int]]) -> int:
+    """At most how much file content the plan sends: what progress is measured against."""
+    total = 0
+    for path in plan.create | plan.rewrite:
+        entry = local[path]
+        if entry.kind == "file":
+            chunks = ranges.get(path)
+            total += entry.size if chunks is None else min(len(chunks) * CHUNK, entry.size)
+    return total
+
+
+def _missed(rep: Replicator, path: str) -> None:
+    """An entry changed under a live pass: the next pass compares its whole subtree."""
+    rep.journal.record("moved", path, 0)
 
 
 async def _fetch_whole(rep: Replicator, report: ResyncReport) -> dict[str, Entry]:
@@ -621,7 +890,12 @@ async def _fetch_whole(rep: Replicator, report: ResyncReport) -> dict[str, Entry
     log.info("resync: comparing the whole trees: %s", report.full_reason)
     _progress(rep, report, "fetching the replica's manifest")
     fetch = functools.partial(
-        wire.fetch_manifest, rep.peer, rep.key, max(rep.timeout, 2.0), MANIFEST_BUILD_TIMEOUT
+        wire.fetch_manifest,
+        rep.peer,
+        rep.key,
+        max(rep.timeout, 2.0),
+        MANIFEST_BUILD_TIMEOUT,
+        digests=False,
     )
     return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
 
@@ -664,7 +938,7 @@ class Narrowed:
     local: dict[str, Entry]
     remote: dict[str, Entry]
 
-    def ranges(self, journal: Journal, plan: ResyncPlan) -> dict[str, set[int]]:
+    def ranges(self, changes: Changes, plan: ResyncPlan) -> dict[str, set[int]]:
         """Files to rewrite chunk by chunk: those whose only changes are journaled chunks.
 
         Not when the name may have been bound to another inode (its directory's entries
@@ -674,7 +948,7 @@ class Narrowed:
         for path in plan.rewrite:
             if not self._in_place(path):
                 continue
-            chunks, cut = journal.chunks(path)
+            chunks, cut = changes.chunks(path)
             if cut >= 0:  # a truncate: everything from its chunk to the end may differ
                 chunks |= set(range(cut, -(-self.local[path].size // CHUNK)))
             if chunks:  # else the content differs for no journaled reason: send it all
@@ -694,13 +968,12 @@ class Narrowed:
 MAX_ROUNDS = 4
 
 
-async def _narrowed(rep: Replicator, root_fd: int) -> Narrowed | str:
+async def _narrowed(rep: Replicator, root_fd: int, scope: manifest.Scope) -> Narrowed | str:
     """Partial manifests of what the journal names, or why they cannot be trusted.
 
     Subtrees of directories to make or remove are added to the scope, and both sides
     read again, until the plan needs nothing more.
     """
-    scope = rep.journal.scope()
     for _ in range(MAX_ROUNDS):
         remote = await _fetch_partial(rep, scope)
         build = functools.partial(manifest.build_partial, root_fd, scope)

@@ -39,6 +39,12 @@ class NodeState:
     durable. The ALONE journal since then covers every change (hafs.resync trusts it).
     replica_of: a replica's: "<token>@<st_dev>:<st_ino of its root>" of the last session it
     completed; cleared when any session or mount starts on the directory.
+    exact: a replica's: when its copy was last made identical to a primary's and durable
+    (a RESYNC_DONE), what then described this directory's history (hafs.replica
+    `history`); "" if never. While that description still holds, every file's size and
+    mtime tell its content, and a resync may compare by them alone (hafs.resync).
+    applying: a replica's: a session is applying ops and its copy is not yet synced to
+    disk; found true at start, the replica or its node crashed: `exact` no longer holds.
     """
 
     role: str = ""
@@ -48,6 +54,8 @@ class NodeState:
     generation: int = 0
     session: str = ""
     replica_of: str = ""
+    exact: str = ""
+    applying: bool = False
 
 
 class StateStore:

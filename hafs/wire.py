@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 
-from hafs import manifest
+from hafs import blocks, manifest
 from hafs import protocol as p
 
 
@@ -71,14 +72,94 @@ def recv_frames(sock: socket.socket, reader: p.FrameReader) -> list[p.Frame]:
 
 
 def fetch_manifest(
-    addr: tuple[str, int], key: bytes, timeout: float, build_timeout: float | None = None
+    addr: tuple[str, int],
+    key: bytes,
+    timeout: float,
+    build_timeout: float | None = None,
+    *,
+    digests: bool = True,
 ) -> dict[str, manifest.Entry]:
     """Ask a replica server for the manifest of its copy (a VERIFY connection).
 
     timeout bounds the connection and authentication; build_timeout (default: timeout) each
     wait after that, the first of which lasts as long as the replica reads its whole tree.
+    digests=False: no content read (every digest ""), for a comparison by size and mtime.
     """
-    return manifest.from_bytes(_fetch(addr, key, timeout, build_timeout, b""))
+    request = b"" if digests else WHOLE_WITHOUT_DIGESTS
+    return manifest.from_bytes(_fetch(addr, key, timeout, build_timeout, request))
+
+
+# The MANIFEST_REQ of the whole tree without digests; empty asks it with them.
+WHOLE_WITHOUT_DIGESTS = b'{"whole":true,"digests":false}'
+
+
+def fetch_exact(addr: tuple[str, int], key: bytes, timeout: float) -> bool:
+    """Whether the replica's copy is exact (hafs.replica `copy_exact`): a block request
+    for no file, answered by the reply's header alone."""
+    client = BlockClient(addr, key, timeout, timeout)
+    try:
+        client.hashes(blocks.BlockRequest(blocks.BLOCK, os.urandom(blocks.SALT_LEN), ()))
+    finally:
+        client.close()
+    assert client.exact is not None
+    return client.exact
+
+
+class BlockClient:
+    """Asks a replica server for block hashes (hafs.blocks), request after request on one
+    VERIFY connection, made at the first. One request at a time; `close` from any thread
+    ends a request under way (it then raises OSError or ProtocolError)."""
+
+    def __init__(
+        self, addr: tuple[str, int], key: bytes, timeout: float, reply_timeout: float
+    ) -> None:
+        self.addr = addr
+        self.key = key
+        self.timeout = timeout  # connection and authentication
+        self.reply_timeout = reply_timeout  # each wait for a frame of a reply
+        self.exact: bool | None = None  # what the last reply said
+        self._sock: socket.socket | None = None
+        self._writer: p.FrameWriter | None = None
+        self._reader: p.FrameReader | None = None
+        self._closed = False
+
+    def hashes(self, request: blocks.BlockRequest) -> list[blocks.FileBlocks | None]:
+        """Per item, the replica's size and hashes of the file, or None if it has none."""
+        sock, writer, reader = self._connection()
+        sock.sendall(b"".join(writer.seal(p.FrameType.BLOCKS_REQ, request.to_bytes())))
+        parser = blocks.ReplyParser(request)
+        while True:
+            frames = recv_frames(sock, reader)
+            if not frames:
+                raise p.ProtocolError("replica closed before the block hashes ended")
+            for i, frame in enumerate(frames):
+                if frame.ftype is not p.FrameType.BLOCKS:
+                    raise p.ProtocolError(f"unexpected {frame.ftype.name} frame")
+                if frame.payload:
+                    parser.feed(frame.payload)
+                    continue
+                if not parser.done or i != len(frames) - 1:
+                    raise p.ProtocolError("block reply does not match its request")
+                self.exact = parser.exact
+                return parser.results
+
+    def _connection(self) -> tuple[socket.socket, p.FrameWriter, p.FrameReader]:
+        if self._sock is None or self._writer is None or self._reader is None:
+            if self._closed:
+                raise p.ProtocolError("block client closed")
+            sock, keys = connect(self.addr, self.key, p.Purpose.VERIFY, self.timeout)
+            sock.settimeout(self.reply_timeout)
+            self._sock = sock
+            self._writer, self._reader = p.FrameWriter(keys.send), p.FrameReader(keys.recv)
+        return self._sock, self._writer, self._reader
+
+    def close(self) -> None:
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a recv under way in another thread
+            sock.close()
 
 
 def fetch_partial(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hafs import manifest, protocol, wire
+from hafs import blocks, manifest, protocol, wire
 from tests.support import cluster
 from tests.support.cluster import TIMEOUT
 from tests.support.join import Join, wait_until
@@ -227,26 +227,51 @@ def test_join_stale_replica_removes_extra_and_fixes_every_difference(join: Join)
         assert mnt.status()["mode"] == "MIRROR"
 
 
+def sample_phases(mnt: cluster.MountProc, writer: RecordWriter, stop: threading.Event,
+                  samples: list[tuple[str, int]]) -> None:  # fmt: skip
+    """Until stopped: (the resync's phase, records the writer completed), every 10 ms."""
+    while not stop.wait(0.01):
+        with contextlib.suppress(cluster.ClusterError):
+            phase = str(mnt.status()["resync"].get("phase", ""))
+            samples.append((phase, writer.acked))
+
+
 def test_writer_during_mirror_loses_nothing(join: Join) -> None:
-    """The pause covers the copy only: a writer running throughout sees no error, waits
-    no longer than the copy, and every record it wrote is on the replica after."""
-    for i in range(24):
+    """The application writes on while the copy runs: its writes complete while pass 1
+    copies, wait at most the last (paused) pass, and every record it wrote is on the
+    replica after."""
+    for i in range(64):
         write_file(join.primary_dir / f"bulk{i:02}", os.urandom(1 << 20))
     with join.replica() as rep, join.mount(alone=True) as mnt:
         writer = RecordWriter(join.mountpoint / "stream.dat", max_records=50_000).start()
+        samples: list[tuple[str, int]] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_phases, args=(mnt, writer, stop, samples))
         try:
             wait_until(lambda: writer.acked >= 200 or writer.error is not None, 60, "records")
+            sampler.start()
             before = writer.acked
             counters = join.mirror()
-            during = writer.acked - before
-            wait_until(lambda: writer.acked >= before + during + 300 or writer.error is not None,
+            stop.set()
+            sampler.join(10)
+            after = writer.acked
+            wait_until(lambda: writer.acked >= after + 300 or writer.error is not None,
                        60, "records after the join")  # fmt: skip
         finally:
+            stop.set()
             writer.finish(30)
         assert writer.error is None, f"the application saw {writer.error!r}"
-        assert during > 0, "no write completed while the mirror command ran"
-        assert writer.slowest() < counters.seconds + TIMEOUT, (writer.slowest(), counters)
-        assert counters.files_copied == 25, counters  # the bulk files and stream.dat
+        assert after > before, "no write completed while the mirror command ran"
+        copying = [acked for phase, acked in samples if phase == "pass 1: copying"]
+        assert len(copying) >= 2 and copying[-1] > copying[0], (
+            "no write completed while pass 1 copied",
+            samples[:: max(1, len(samples) // 20)],
+        )
+        assert counters.passes >= 2, counters  # pass 1 live, then the paused one
+        assert writer.slowest() < counters.paused_seconds + TIMEOUT, (writer.slowest(), counters)
+        assert counters.files_copied == 65, counters  # the bulk files and stream.dat, once each
+        progress = mnt.status()["resync"]  # what the daemon logs as percent and MB/s
+        assert 64 << 20 <= progress["bytes_done"] <= progress["bytes_planned"], progress
         assert mnt.status()["mode"] == "MIRROR"
         n = check_records((join.primary_dir / "stream.dat").read_bytes(), "primary")
         assert n == writer.acked
@@ -378,12 +403,13 @@ def test_commands_refused_where_they_make_no_sense(join: Join, tmp_path: Path) -
 
 class StuckReplica:
     """A replica server that answers VERIFY with an empty tree and accepts the MIRROR
-    stream but never reads it: the copy stalls, mutating calls paused, until the mount's
+    stream but never reads it: the first (live) pass of the copy stalls until the mount's
     watchdog, an `alone` command or a SIGTERM ends it."""
 
     def __init__(self, port: int, key: Path, empty_dir: Path) -> None:
         self.key = protocol.read_key(str(key))
         self.manifest = manifest.to_bytes(manifest.build_manifest(str(empty_dir)))
+        self.empty_dir = empty_dir
         self.listener = socket.create_server(("127.0.0.1", port))
         self.held: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, name="stuck-replica", daemon=True)
@@ -412,22 +438,99 @@ class StuckReplica:
                 continue
             with conn:
                 writer = protocol.FrameWriter(keys.send)
-                wire.recv_frames(conn, protocol.FrameReader(keys.recv))
+                (request,) = wire.recv_frames(conn, protocol.FrameReader(keys.recv))
+                if request.ftype is protocol.FrameType.BLOCKS_REQ:  # is the copy exact? no
+                    fd = os.open(self.empty_dir, os.O_RDONLY | os.O_DIRECTORY)
+                    asked = blocks.BlockRequest.from_bytes(bytes(request.payload))
+                    answer = blocks.reply(fd, asked, exact=False)
+                    os.close(fd)
+                    conn.sendall(b"".join(writer.seal(protocol.FrameType.BLOCKS, answer)))
+                    conn.sendall(b"".join(writer.seal(protocol.FrameType.BLOCKS)))
+                    continue
                 conn.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST, self.manifest)))
                 conn.sendall(b"".join(writer.seal(protocol.FrameType.MANIFEST)))
 
 
+class HoldingProxy:
+    """Forwards connections to a real replica, but holds the VERIFY connections opened
+    after a MIRROR session (their requests are never forwarded nor answered): the passes
+    after the first, which compare the journaled paths, then stall."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target, self.mirror_seen = target, False
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+
+    def __enter__(self) -> HoldingProxy:
+        self.threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        for thread in self.threads:
+            thread.join(10)
+
+    def _serve(self) -> None:
+        for _ in range(100):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            self.conns.append(upstream)
+            conn.sendall(_recv_exact(upstream, protocol.HELLO.size))
+            auth = _recv_exact(conn, protocol.AUTH.size)
+            purpose = protocol.Purpose(protocol.AUTH.unpack(auth)[1])
+            if purpose is protocol.Purpose.VERIFY and self.mirror_seen:
+                continue  # held: never forwarded, never answered
+            self.mirror_seen |= purpose is protocol.Purpose.MIRROR
+            upstream.sendall(auth)
+            upstream.settimeout(None)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                pipe = threading.Thread(target=_pipe, args=(a, b), daemon=True)
+                self.threads.append(pipe)
+                pipe.start()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        data += chunk
+    return data
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
 @dataclass
 class StuckCopy:
-    """A mirror command under way against a StuckReplica, and one call paused by it."""
+    """A mirror command under way against a stalled replica, and one call made meanwhile."""
 
     mirror: subprocess.Popen[str]
-    paused: threading.Thread
+    call: threading.Thread
     outcome: dict[str, Any]
 
 
 @contextlib.contextmanager
-def stuck_copy(join: Join, mnt: cluster.MountProc) -> Iterator[StuckCopy]:
+def stuck_copy(join: Join, mnt: cluster.MountProc, phase: str) -> Iterator[StuckCopy]:
+    """`hafs fs mirror` stalled in `phase`, and a mkdir made once it is: it waits there
+    if the phase pauses the calls, else it completes."""
     mirror = subprocess.Popen(
         [str(join.hafs_bin), "fs", "mirror", "--state-dir", str(join.mount_state)],
         stdout=subprocess.PIPE,
@@ -438,9 +541,7 @@ def stuck_copy(join: Join, mnt: cluster.MountProc) -> Iterator[StuckCopy]:
     # that call (the kernel's directory lock), but reads of open files go on.
     reader = os.open(join.mountpoint / "bulk0", os.O_RDONLY)
     try:
-        wait_until(
-            lambda: mnt.status()["resync"].get("phase") == "copying", 20, "the copy to start"
-        )
+        wait_until(lambda: mnt.status()["resync"].get("phase") == phase, 20, phase)
         outcome: dict[str, Any] = {}
 
         def call() -> None:
@@ -452,12 +553,11 @@ def stuck_copy(join: Join, mnt: cluster.MountProc) -> Iterator[StuckCopy]:
             except OSError as e:
                 outcome["error"] = e
 
-        paused = threading.Thread(target=call, name="paused-call", daemon=True)
-        paused.start()
-        time.sleep(0.5)
-        assert paused.is_alive(), f"a mutating call went through during the copy: {outcome}"
+        made = threading.Thread(target=call, name="mkdir-during-copy", daemon=True)
+        made.start()
+        made.join(0.5)
         assert len(os.pread(reader, 1 << 20, 0)) == 1 << 20, "reads must go on"
-        yield StuckCopy(mirror, paused, outcome)
+        yield StuckCopy(mirror, made, outcome)
     finally:
         with contextlib.suppress(OSError):  # ENOTCONN once the mount stopped
             os.close(reader)
@@ -491,25 +591,49 @@ def test_stalled_replica_fails_the_mirror_within_the_timeout(join: Join) -> None
         assert "after" in mnt.status()["journal"]
 
 
-def test_alone_during_a_stalled_copy_releases_the_paused_calls(join: Join) -> None:
-    """The controller's move when heartbeats stop mid-resync: `alone` ends the copy."""
+def test_alone_during_a_stalled_copy_ends_it_and_keeps_the_journal(join: Join) -> None:
+    """The controller's move when heartbeats stop mid-resync: `alone` ends the copy. The
+    application was not held: the first pass copies while it writes."""
     bulk(join.primary_dir)
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
         join.mount(alone=True, timeout=60) as mnt,
-        stuck_copy(join, mnt) as copy,
+        stuck_copy(join, mnt, "pass 1: copying") as copy,
     ):
+        assert not copy.call.is_alive() and "done" in copy.outcome, "a call waited for pass 1"
+        result = join.alone("heartbeats lost")
+        assert result.returncode == 0, result.stderr
+        _, stderr = copy.mirror.communicate(timeout=TIMEOUT + 10)
+        assert copy.mirror.returncode == 1 and "heartbeats lost" in stderr, stderr
+        status = mnt.status()
+        assert status["mode"] == "ALONE" and status["reason"] == "heartbeats lost", status
+        assert "." in status["journal"], status  # the directory where a name was made
+        assert (join.primary_dir / "paused").is_dir()
+
+
+def test_alone_during_a_stalled_last_pass_releases_the_paused_calls(join: Join) -> None:
+    """The last pass holds the calls: if the peer stalls there, `alone` releases them."""
+    bulk(join.primary_dir, files=2)
+    real = cluster.free_port()
+    with (
+        cluster.replica(join.replica_dir, listen=f"127.0.0.1:{real}", key=join.key,
+                        state_dir=join.replica_state, hafs_bin=join.hafs_bin),
+        HoldingProxy(join.port, real),
+        join.mount(alone=True, timeout=60, extra_args=("--live-passes", "1")) as mnt,
+        stuck_copy(join, mnt, "pass 2: comparing the journaled paths") as copy,
+    ):  # fmt: skip
+        assert copy.call.is_alive(), f"a mutating call went through the last pass: {copy.outcome}"
         asked = time.monotonic()
         result = join.alone("heartbeats lost")
         assert result.returncode == 0, result.stderr
-        copy.paused.join(10)
-        assert not copy.paused.is_alive() and "error" not in copy.outcome, copy.outcome
+        copy.call.join(10)
+        assert not copy.call.is_alive() and "error" not in copy.outcome, copy.outcome
         assert copy.outcome["done"] - asked < TIMEOUT
         _, stderr = copy.mirror.communicate(timeout=30)
         assert copy.mirror.returncode == 1 and "heartbeats lost" in stderr, stderr
         status = mnt.status()
         assert status["mode"] == "ALONE" and status["reason"] == "heartbeats lost", status
-        assert "." in status["journal"], status  # the directory where a name was made
+        assert "." in status["journal"], status
         assert (join.primary_dir / "paused").is_dir()
 
 
@@ -518,10 +642,10 @@ def test_sigterm_during_a_stalled_copy_unmounts_cleanly(join: Join) -> None:
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
         join.mount(alone=True, timeout=60) as mnt,
-        stuck_copy(join, mnt) as copy,
+        stuck_copy(join, mnt, "pass 1: copying") as copy,
     ):
         assert mnt.stop() == 0, mnt.log_tail()
-        copy.paused.join(10)
+        copy.call.join(10)
         assert "error" not in copy.outcome, copy.outcome
         _, stderr = copy.mirror.communicate(timeout=30)
         assert copy.mirror.returncode == 1, stderr
@@ -529,3 +653,48 @@ def test_sigterm_during_a_stalled_copy_unmounts_cleanly(join: Join) -> None:
     state = json.loads((join.mount_state / "state.json").read_text())
     assert state["mode"] == "ALONE" and state["session_open"] is False, state
     assert (join.primary_dir / "paused").is_dir()
+
+
+def resync_line(stdout: str) -> dict[str, str]:
+    """The fields of `hafs fs resync`'s last line, which scripts parse."""
+    line = stdout.splitlines()[-1]
+    assert line.startswith("resync: "), stdout
+    fields = dict(pair.split("=") for pair in line.removeprefix("resync: ").split())
+    assert list(fields) == ["files_checked", "files_copied", "bytes_sent", "seconds"], line
+    return fields
+
+
+def test_resync_by_hand_of_an_unmounted_directory(join: Join) -> None:
+    """The application stopped, nothing mounted: `hafs fs resync` copies the tree to the
+    replica through a private mount it removes after; a second run copies nothing."""
+    populate(join.primary_dir)
+    args = ["fs", "resync", str(join.primary_dir), "--peer", join.peer, "--key", str(join.key),
+            "--state-dir", str(join.mount_state)]  # fmt: skip
+    with join.replica() as rep:
+        first = join.hafs(*args)
+        assert first.returncode == 0, first.stderr + first.stdout
+        assert int(resync_line(first.stdout)["files_copied"]) > 0
+        join.assert_identical()
+        assert rep.status()["synced"] is False, "its mount is gone: the copy is not mirrored"
+        assert not cluster.fuse_mounts_under(join.mount_state.parent.parent)
+        again = join.hafs(*args)
+        assert again.returncode == 0, again.stderr + again.stdout
+        assert resync_line(again.stdout)["files_copied"] == "0", again.stdout
+        full = join.hafs(*args, "--full")
+        assert full.returncode == 0 and "whole trees" in full.stdout, full.stdout
+
+
+def test_resync_by_hand_of_a_mounted_directory(join: Join) -> None:
+    """A mounted directory resyncs through its own mount, which then mirrors; a peer other
+    than the mount's is refused."""
+    populate(join.primary_dir)
+    args = ["fs", "resync", str(join.primary_dir), "--key", str(join.key),
+            "--state-dir", str(join.mount_state)]  # fmt: skip
+    with join.replica(), join.mount(alone=True) as mnt:
+        wrong = join.hafs(*args, "--peer", f"127.0.0.1:{cluster.free_port()}")
+        assert wrong.returncode != 0 and "is mounted with peer" in wrong.stderr, wrong
+        result = join.hafs(*args, "--peer", join.peer)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert int(resync_line(result.stdout)["files_checked"]) > 0
+        assert mnt.status()["mode"] == "MIRROR"
+        join.assert_identical()

@@ -168,6 +168,7 @@ def test_swap_exchanges_the_roles_without_resync(rig: Rig) -> None:
     write_on(n2, "after-swap", "mirrored back")
     assert (n1.data / "after-swap").read_text() == "mirrored back"
     assert _app_running(n2) and not _app_running(n1)
+    assert "resync to" not in n2.module_log(), n2.module_log()  # mounted MIRROR at once
 
 
 def test_node_cut_off_from_peer_and_witness_does_not_go_alone(rig: Rig) -> None:

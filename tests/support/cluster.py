@@ -325,7 +325,7 @@ class Pair:
         )
 
     def mount(
-        self, alone: bool = False, timeout: float | None = None
+        self, alone: bool = False, timeout: float | None = None, extra_args: Sequence[str] = ()
     ) -> contextlib.AbstractContextManager[MountProc]:
         return mount(
             self.primary_dir,
@@ -336,6 +336,7 @@ class Pair:
             timeout=self.timeout if timeout is None else timeout,
             alone=alone,
             hafs_bin=self.hafs_bin,
+            extra_args=extra_args,
         )
 
 

@@ -15,6 +15,8 @@ class Counters:
     files_copied: int
     bytes_sent: int
     seconds: float
+    passes: int  # live passes, then the paused last one
+    paused_seconds: float  # how long the last pass held the application's writes
 
 
 class Join(Pair):
@@ -37,6 +39,8 @@ class Join(Pair):
             int(fields["files_copied"]),
             int(fields["bytes_sent"]),
             float(fields["seconds"]),
+            int(fields["passes"]),
+            float(fields["paused_seconds"]),
         )
 
     def alone(self, reason: str) -> subprocess.CompletedProcess[str]:

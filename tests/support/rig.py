@@ -1,251 +1,39 @@
 """Two real hafs daemons in network namespaces, for the daemon's end-to-end tests.
 
-Each node is a network namespace of a NetnsLab (node1, node2, a witness and a client on one
-bridge) plus its own PID and mount namespaces: the daemon runs there as PID 1's child, sees
-only its node's processes (the process checker counts the node's own), and has its own copy
-of the replicated directory bind-mounted at the same path on both nodes, as on two servers.
-Killing the namespace's init kills every process of the node at once, like a power cut,
-and the kernel then drops the node's mounts with its mount namespace.
+Each node is a rig node (tools/riglib/node.py): a network namespace of a NetnsLab (node1,
+node2, a witness and a client on one bridge) plus its own PID and mount namespaces, with its
+own copy of the replicated directory bind-mounted at the same path on both nodes. Here every
+test gets its own rig, with per-run namespace names; tools/rig builds the persistent one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import os
 import shlex
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+from tools.riglib.netns import NetnsLab, Node
+from tools.riglib.node import (  # noqa: F401  (the tests' names for them)
+    ADDRS,
+    CLIENT_ADDR,
+    HAFS,
+    NODE_INIT,
+    REPO,
+    SUBNET,
+    VIP,
+    RigError,
+    RigNode,
+    cluster_xml,
+    prepare_root,
+)
 
-from tests.support.netns import NetnsLab, Node
-
-SUBNET = "10.77.0"
-ADDRS = {"node1": f"{SUBNET}.1", "node2": f"{SUBNET}.2", "witness": f"{SUBNET}.3"}
-CLIENT_ADDR = f"{SUBNET}.10"
-VIP = f"{SUBNET}.100"
 MODULE = "test"
-HAFS = [sys.executable, "-m", "controller.cli"]
-REPO = Path(__file__).resolve().parents[2]
 Completed = subprocess.CompletedProcess[str]
-
-
-# The node's PID 1, as init on a real server: starts the daemon, passes SIGTERM on (and
-# exits once the daemon has stopped), reaps every orphan (an application that start_prim
-# left in the background ends up its child), and on SIGUSR1 starts the daemon again after
-# it died (what systemd's Restart= does).
-NODE_INIT = """
-import os, signal, subprocess, sys
-argv = sys.argv[1:]
-state = {"daemon": subprocess.Popen(argv), "stopping": False}
-def term(*_):
-    state["stopping"] = True
-    state["daemon"].send_signal(signal.SIGTERM)
-def restart(*_):
-    if state["daemon"].poll() is not None:
-        state["daemon"] = subprocess.Popen(argv)
-signal.signal(signal.SIGTERM, term)
-signal.signal(signal.SIGUSR1, restart)
-while True:
-    try:
-        pid, status = os.wait()
-    except ChildProcessError:
-        signal.pause()
-        continue
-    if pid == state["daemon"].pid and state["stopping"]:
-        sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-class RigError(AssertionError):
-    """The rig did not reach the state a test waited for."""
-
-
-@dataclass
-class RigNode:
-    """One node: its namespace, its root, its copy of the data, its daemon."""
-
-    name: str
-    net: Node
-    root: Path
-    data: Path  # this node's copy, bind-mounted at the shared path inside the node
-    shared: Path  # the replicated directory, as configured
-    daemon: subprocess.Popen[bytes] | None = None
-    log: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log = self.root / "daemon.out"
-
-    # ------------------------------------------------------------------ the daemon
-
-    def boot(self) -> None:
-        """Start the node's daemon in fresh PID and mount namespaces."""
-        if self.daemon is not None and self.daemon.poll() is None:
-            raise RigError(f"{self.name}: daemon already running")
-        daemon = [*HAFS, "daemon", "--node", self.name]
-        inner = (
-            f"mount --bind {shlex.quote(str(self.data))} {shlex.quote(str(self.shared))} && "
-            f"exec {shlex.join([sys.executable, '-c', NODE_INIT, *daemon])}"
-        )
-        argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
-        argv += ["--mount-proc", "sh", "-c", inner]
-        with self.log.open("ab") as out:
-            self.daemon = self.net.popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=self._env(), cwd=REPO
-            )
-        self.wait_for(lambda: self.control_ready(), f"{self.name}: daemon up", 30)
-
-    def _env(self) -> dict[str, str]:
-        return {**os.environ, "HAFS_ROOT": str(self.root), "PYTHONPATH": str(REPO)}
-
-    def init_pid(self) -> int | None:
-        """PID (host view) of the node's PID 1 (NODE_INIT, the daemon's parent)."""
-        if self.daemon is None or self.daemon.poll() is not None:
-            return None
-        try:
-            children = psutil.Process(self.daemon.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return None
-        unshare = [c for c in children if c.name() == "unshare"]
-        parent = unshare[0] if unshare else psutil.Process(self.daemon.pid)
-        kids = parent.children()
-        return kids[0].pid if kids else None
-
-    def daemon_pid(self) -> int | None:
-        """PID (host view) of the daemon itself, the init's child running controller.cli."""
-        init = self.init_pid()
-        if init is None:
-            return None
-        for child in psutil.Process(init).children():
-            with contextlib.suppress(psutil.Error):  # a zombie not reaped yet: gone
-                if "daemon" in child.cmdline():
-                    return child.pid
-        return None
-
-    def crash_daemon(self) -> None:
-        """SIGKILL the daemon alone: the application and the data processes live on."""
-        pid = self.daemon_pid()
-        if pid is None:
-            raise RigError(f"{self.name}: no daemon to crash")
-        os.kill(pid, signal.SIGKILL)
-        self.wait_for(lambda: self.daemon_pid() is None, f"{self.name} daemon gone", 10)
-
-    def restart_daemon(self) -> None:
-        """Start the daemon again in the same node, as systemd's Restart= would."""
-        pid = self.init_pid()
-        if pid is None:
-            raise RigError(f"{self.name}: not running")
-        os.kill(pid, signal.SIGUSR1)
-        self.wait_for(self.control_ready, f"{self.name}: daemon back", 30)
-
-    def control_ready(self) -> bool:
-        return self.hafs("state", "--json", check=False).returncode == 0
-
-    def kill(self) -> None:
-        """Power cut: SIGKILL the node's init, which takes every process of the node."""
-        pid = self.init_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.daemon is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.daemon.wait(10)
-        self.daemon = None
-
-    def shutdown(self, timeout: float = 60) -> None:
-        """Stop the daemon as systemd would (SIGTERM), then make sure the node is empty."""
-        pid = self.init_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
-                psutil.Process(pid).wait(timeout)
-        self.kill()
-
-    # ------------------------------------------------------------------ commands
-
-    def hafs(
-        self, *args: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """Run `hafs ARGS` inside the node (its network namespace and root)."""
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.net.netns, *HAFS, *args],
-            capture_output=True, text=True, timeout=timeout, env=self._env(), cwd=REPO,
-        )  # fmt: skip
-        if check and proc.returncode != 0:
-            raise RigError(f"{self.name}: hafs {' '.join(args)} exited {proc.returncode}:\n"
-                           f"{proc.stdout}{proc.stderr}")  # fmt: skip
-        return proc
-
-    def inside(
-        self, cmd: list[str], check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        """Run `cmd` inside the node's mount, PID and network namespaces (as its scripts)."""
-        pid = self.init_pid()
-        if pid is None:
-            raise RigError(f"{self.name}: not running")
-        argv = ["nsenter", "-t", str(pid), "-m", "-p", "-n", *cmd]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise RigError(f"{self.name}: {cmd} exited {proc.returncode}: {proc.stderr}")
-        return proc
-
-    def state(self) -> dict[str, Any]:
-        reply = json.loads(self.hafs("state", "-m", MODULE, "--json").stdout)
-        return dict(reply[0])
-
-    def wait_state(
-        self, state: str, timeout: float = 30, colour: str | None = None
-    ) -> dict[str, Any]:
-        snap: dict[str, Any] = {}
-
-        def reached() -> bool:
-            nonlocal snap
-            snap = self.state()
-            return snap["state"] == state and colour in (None, snap["colour"])
-
-        self.wait_for(reached, f"{self.name} {state} {colour or ''}", timeout, lambda: snap)
-        return snap
-
-    def wait_for(self, ok: Callable[[], bool], what: str, timeout: float,
-                 detail: Callable[[], object] = lambda: "") -> None:  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ok():
-                return
-            if self.daemon is not None and self.daemon.poll() is not None:
-                raise RigError(f"{what}: daemon died\n{self.tail()}")
-            time.sleep(0.2)
-        raise RigError(f"{what}: not reached in {timeout:g} s: {detail()}\n{self.tail()}")
-
-    def module_log(self) -> str:
-        path = self.root / f"var/log/hafs/{MODULE}/module.log"
-        return path.read_text() if path.exists() else ""
-
-    def calls(self) -> list[str]:
-        """The script calls the test module's scripts recorded, in order."""
-        path = self.root / "var/lib/hafs/var/calls.log"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def tail(self, lines: int = 30) -> str:
-        """The end of the node's logs, for a failure message (the files go with the test)."""
-        parts = [f"--- {self.name} module log", *self.module_log().splitlines()[-lines:]]
-        logs = [self.log, *sorted((self.root / f"var/log/hafs/{MODULE}").glob("*[0-9].log"))]
-        for path in logs:
-            if path.exists():
-                parts += [
-                    f"--- {path.name}",
-                    *path.read_text(errors="replace").splitlines()[-lines:],
-                ]
-        return "\n".join(parts)
 
 
 @dataclass
@@ -274,11 +62,6 @@ class Rig:
 
     def vip_mac_seen_by_client(self) -> str | None:
         return self.client.arp_table().get(VIP)
-
-
-def cluster_xml() -> str:
-    nodes = "".join(f'<node name="{n}" addr="{ADDRS[n]}"/>' for n in ("node1", "node2"))
-    return f'<cluster><lans><lan name="default">{nodes}</lan></lans></cluster>\n'
 
 
 def userconfig(shared: Path, *, witness: bool = True, errd: str = "", extra: str = "",
@@ -351,10 +134,7 @@ def two_node_rig(base: Path, config: str | None = None, **config_args: Any) -> I
         for name in ("node1", "node2"):
             net = lab.add_node(name, f"{ADDRS[name]}/24")
             root = base / name
-            (root / "etc/hafs").mkdir(parents=True)
-            (root / "etc/hafs/cluster.xml").write_text(cluster_xml())
-            (root / "etc/hafs/cluster.key").write_bytes(key.read_bytes())
-            (root / "etc/hafs/cluster.key").chmod(0o600)
+            prepare_root(root, key.read_bytes())
             data = base / f"{name}-data"
             data.mkdir()
             nodes[name] = RigNode(name, net, root, data, shared)
@@ -387,3 +167,31 @@ def logged_at(log: str, text: str) -> float:
     """Wall-clock time of the first module log line containing `text`."""
     line = next(line for line in log.splitlines() if text in line)
     return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+# The application of the data tests: random 4 KiB pages of db.dat, an fsync every
+# `fsync_every` writes (0: none), `warm` made after 500 writes, until `stop` appears or
+# the node dies.
+PAGE_WRITER = """
+import os, random, sys
+size, fsync_every = int(sys.argv[1]), int(sys.argv[2])
+fd = os.open("db.dat", os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, size)
+i = 0
+while not os.path.exists("stop"):
+    os.pwrite(fd, os.urandom(4096), random.randrange(size // 4096) * 4096)
+    i += 1
+    if fsync_every and i % fsync_every == 0:
+        os.fsync(fd)
+    if i == 500:
+        open("warm", "w").close()
+"""
+
+
+def start_page_writer(node: RigNode, size: int, fsync_every: int = 0) -> None:
+    """Start PAGE_WRITER in the node's replicated directory, in the background, and wait
+    until it is busy."""
+    code = shlex.quote(PAGE_WRITER)
+    script = f"cd {node.shared} && nohup python3 -c {code} {size} {fsync_every} >/dev/null 2>&1 &"
+    node.inside(["sh", "-c", script])
+    node.wait_for(lambda: (node.data / "warm").exists(), f"{node.name}: the writer busy", 60)

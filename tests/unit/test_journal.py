@@ -194,9 +194,28 @@ def test_scope_and_chunks(path: Path) -> None:
     j.record("entry", "d", 4)
     j.record("moved", "d/new", 4)
     j.record("entry", "<unlinked inode 9>", 9)
-    scope = j.scope()
+    scope = j.changes().scope()
     assert scope.paths == {"d/f", "d/g"}
     assert scope.dirs == {"d"}
     assert scope.trees == {"d/new"}
-    assert j.chunks("d/f") == ({1}, 3)
+    assert j.changes().chunks("d/f") == ({1}, 3)
     j.close()
+
+
+def test_epoch_names_what_changed_since_its_mark(path: Path) -> None:
+    """A resync pass copies while writes go on: the next pass must see every chunk written
+    since it began, even chunks an earlier record (before the mark) already named."""
+    j = Journal(path)
+    j.record("data", "db/ibdata1", 7, offset=0, length=1)
+    j.record("meta", "db/old", 8)
+    mark = j.new_epoch()
+    j.record("data", "db/ibdata1", 7, offset=10, length=1)  # chunk 0 again: kept
+    j.record("data", "db/ibdata1", 7, offset=10, length=1)  # but once per epoch
+    since = j.changes(since=mark)
+    assert since.records == (JournalRecord("data", "db/ibdata1", 7, 0),)
+    assert since.scope().paths == {"db/ibdata1"}
+    assert j.changes().scope().paths == {"db/ibdata1", "db/old"}
+    j.close()
+    reopened = Journal(path)  # after a restart, every epoch's records are there
+    assert reopened.changes().scope().paths == {"db/ibdata1", "db/old"}
+    reopened.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -16,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from hafs.manifest import Entry, ManifestError, build_manifest, compare, from_bytes, to_bytes
+from hafs import manifest
+from hafs.manifest import (
+    Entry,
+    ManifestError,
+    build_manifest,
+    compare,
+    from_bytes,
+    partial_from_bytes,
+    to_bytes,
+)
 
 ODD_NAME = os.fsdecode(b"caf\xe9")  # not UTF-8: travels as a lone surrogate
 
@@ -195,18 +205,24 @@ def test_other_file_systems_are_skipped(src: Path) -> None:
 def test_entries_vanishing_during_walk_are_skipped(
     src: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_fwalk = os.fwalk
+    real_listdir, real_stat = os.listdir, os.stat
+    sub = (src / "sub").stat()
 
-    def racing_fwalk(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for dirpath, dirnames, filenames, dirfd in real_fwalk(*args, **kwargs):
-            if dirpath == "./sub":  # listed, not yet looked at by the manifest
-                os.unlink("b.bin", dir_fd=dirfd)
-            yield dirpath, dirnames, filenames, dirfd
-            if dirpath == "./sub":  # looked at, not yet descended into
-                shutil.rmtree(src / "sub" / "deep")
+    def racing_listdir(fd: Any) -> list[str]:
+        names = real_listdir(fd)
+        if isinstance(fd, int) and os.path.samestat(os.fstat(fd), sub):
+            os.unlink("b.bin", dir_fd=fd)  # listed, not yet looked at by the manifest
+        return names
+
+    def racing_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)
+        if path == "deep":  # looked at, not yet descended into
+            shutil.rmtree(src / "sub" / "deep")
+        return st
 
     expected = set(build_manifest(str(src))) - {"sub/b.bin", "sub/deep", "sub/deep/c"}
-    monkeypatch.setattr(os, "fwalk", racing_fwalk)
+    monkeypatch.setattr(os, "listdir", racing_listdir)
+    monkeypatch.setattr(os, "stat", racing_stat)
     assert set(build_manifest(str(src))) == expected
 
 
@@ -428,3 +444,87 @@ def test_well_formed_row_parses() -> None:
 
 def test_manifest_error_is_a_value_error() -> None:
     assert issubclass(ManifestError, ValueError)
+
+
+# ---------------------------------------------------------------------------- cheap, parallel
+
+
+def _without_digests(m: dict[str, Entry]) -> dict[str, Entry]:
+    return {p: dataclasses.replace(e, digest="") for p, e in m.items()}
+
+
+def test_cheap_manifest_is_the_full_one_without_digests(src: Path) -> None:
+    full = build_manifest(str(src))
+    cheap = build_manifest(str(src), digests=False)
+    assert cheap == _without_digests(full)
+    assert {e.ino for e in cheap.values()} == {e.ino for e in full.values()}
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_workers_build_the_same_manifest(
+    src: Path, monkeypatch: pytest.MonkeyPatch, digests: bool
+) -> None:
+    for d in range(3):
+        (src / "sub" / f"many{d}").mkdir()
+        for f in range(7):
+            (src / "sub" / f"many{d}" / f"f{f}").write_bytes(b"%d" % f)
+    serial = build_manifest(str(src), digests=digests)
+    monkeypatch.setattr(manifest, "SLICE", 3)  # big directories are shared out in slices
+    assert build_manifest(str(src), digests=digests, workers=4) == serial
+    assert build_manifest(str(src), digests=digests, workers=1) == serial
+
+
+def test_round_trip_partial_and_paged(src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest, "PAGE", 4)  # several pages, the last one short
+    m = build_manifest(str(src))
+    part = partial_from_bytes(to_bytes(m, {"h1"}, "token"))
+    assert (part.entries, part.loose, part.session) == (m, {"h1"}, "token")
+    assert from_bytes(to_bytes(m)) == m
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"version":2,"entries":2}[' + _ROW.encode() + b"]",  # a row missing
+        b'{"version":2,"entries":1}[' + _ROW.encode() + b"] ",  # trailing data
+        b'{"version":2,"entries":1} [' + _ROW.encode() + b"]",  # whitespace
+        b'{"version":2,"entries":1}[]',  # an empty page
+        b'{"version":2,"entries":1}' + _ROW.encode(),  # a row, not a page
+        b'{"version":2,"entries":-1}',
+        b'{"version":2,"entries":[]}',
+        b'{"version":2,"entries":1}[[".","dir",493]]',
+        b'{"version":2,"entries":0}\xff',
+    ],
+)
+def test_malformed_version_2_raises_manifest_error(data: bytes) -> None:
+    with pytest.raises(ManifestError, match="manifest"):
+        from_bytes(data)
+
+
+def test_a_hundred_thousand_rows_parse_quickly() -> None:
+    m = {
+        f"d{i // 1000}/f{i}": Entry(f"d{i // 1000}/f{i}", "file", 0o644, 0, 0, i, i)
+        for i in range(100_000)
+    }
+    data = to_bytes(m)
+    start = time.monotonic()
+    assert from_bytes(data) == m
+    assert time.monotonic() - start < 10  # about 1 s here for 100,000
+
+
+def test_scope_with_unknown_keys_is_refused() -> None:
+    # e.g. a request for a whole cheap manifest sent to a replica that does not know it:
+    # it must fail, not be answered with the manifest of an empty scope.
+    assert manifest.Scope.from_json({"paths": ["a"]}) == manifest.Scope(frozenset({"a"}))
+    with pytest.raises(ManifestError, match="unknown keys"):
+        manifest.Scope.from_json({"digests": False})
+
+
+def test_digests_of_files_around_the_read_size(tmp_path: Path) -> None:
+    sizes = (0, 1, manifest.CHUNK - 1, manifest.CHUNK, manifest.CHUNK + 1, 2 * manifest.CHUNK)
+    contents = {f"f{size}": os.urandom(size) for size in sizes}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    m = build_manifest(str(tmp_path), workers=2)
+    for name, data in contents.items():
+        assert m[name].digest == hashlib.sha256(data).hexdigest(), name

@@ -400,6 +400,21 @@ ROWS = [
         "remote stop",
     ),
     Row(
+        "remote-stop-after-alone",
+        "I7: the PRIM ran ALONE, crashed, came back STOP; the heartbeat saying ALONE was lost",
+        second_synced,
+        PeerSeen(peer(STOP, copy=SOLE, prim_term=4)),
+        WAIT,
+        Phase.PEER,
+        (
+            Persist(Durable(STALE, 4, 0)),
+            StopReplica(),
+            script("stop_second", SECOND, WAIT, "stopwait"),
+        ),
+        "with changes this copy lacks",
+        copy=STALE,
+    ),
+    Row(
         "remote-unknown",
         "§4.2.9 every heartbeat lost: 'Remote state UNKNOWN' -> ALONE",
         second_synced,
