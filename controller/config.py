@@ -288,6 +288,7 @@ class Replication:
     reitimeout: float = 150.0
     checktime: float = 220.0
     checkintv: float = 120.0
+    reiallowedbw: int = 0  # KB/s a resync may send at most; 0: as fast as it can
     # Attributes SafeKit defines for its NFS and Windows implementation: accepted so
     # SafeKit modules load unchanged, not used by hafs.
     safekit_only: tuple[tuple[str, str], ...] = ()
@@ -1151,6 +1152,7 @@ _RFS_USED = {
     "reitimeout",
     "checktime",
     "checkintv",
+    "reiallowedbw",
 }
 
 
@@ -1180,6 +1182,7 @@ def _rfs(r: _Reader, e: _Element) -> Replication:
         reitimeout=r.duration(e, "reitimeout", 150.0),
         checktime=r.duration(e, "checktime", 220.0),
         checkintv=r.duration(e, "checkintv", 120.0),
+        reiallowedbw=r.integer(e, "reiallowedbw", 0),
         safekit_only=tuple((k, v) for k, v in e.attrib.items() if k not in _RFS_USED),
     )
 

@@ -192,11 +192,19 @@ def _wait_or_kill(process: psutil.Process, timeout: float) -> None:
 class DataPath:
     """The mounts and replica servers of one module on this node."""
 
-    def __init__(self, dirs: list[Replicated], key_file: Path, log_dir: Path, timeout: float):
+    def __init__(
+        self,
+        dirs: list[Replicated],
+        key_file: Path,
+        log_dir: Path,
+        timeout: float,
+        maxrate: int = 0,
+    ):
         self.dirs = dirs
         self.key_file = key_file
         self.log_dir = log_dir
         self.timeout = timeout
+        self.maxrate = maxrate  # bytes/s a resync sends at most (0: no cap)
         self.mounts: list[DataProcess] = []
         self.replicas: list[DataProcess] = []
 
@@ -236,6 +244,7 @@ class DataPath:
             "--key", str(self.key_file),
             "--state-dir", str(d.mount_state),
             "--timeout", str(self.timeout),
+            "--maxrate", str(self.maxrate / 1e6),
         )  # fmt: skip
         return [*argv, "--alone"] if alone else argv
 

@@ -65,3 +65,12 @@ def utimens_fd(fd: int, atime_ns: int, mtime_ns: int) -> None:
 def syncfs(fd: int) -> None:
     """Flush the whole file system holding fd (an fd opened for reading, not O_PATH)."""
     _check(_libc.syncfs(fd))
+
+
+def syncfs_dir(dir_fd: int) -> None:
+    """Flush the whole file system holding a directory given by any fd, O_PATH too."""
+    fd = os.open(f"/proc/self/fd/{dir_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.syncfs(fd))
+    finally:
+        os.close(fd)

@@ -137,6 +137,14 @@ def fs_mount(
             "them for the whole copy [default: 4]",
         ),
     ] = None,
+    maxrate: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="MB/s a rejoin's copy sends at most while the application writes (its "
+            "last, paused pass is not held back); 0: as fast as it can",
+        ),
+    ] = 0.0,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -160,6 +168,7 @@ def fs_mount(
         timeout=timeout,
         xattrs=xattrs,
         alone=alone,
+        maxrate=int(maxrate * 1e6),
     )
     if live_passes is not None:
         cfg = dataclasses.replace(cfg, live_passes=live_passes)

@@ -15,7 +15,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from hafs import repair, resync
+from hafs import _libc, repair, resync
 from hafs.fs import HafsOperations
 from hafs.journal import Journal
 from hafs.replica import ReplicaServer
@@ -37,6 +37,7 @@ class MountConfig:
     xattrs: bool = True
     alone: bool = False  # start ALONE, as the controller's Mount(ALONE): no connect attempt
     live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
+    maxrate: int = 0  # bytes/s a rejoin's live passes send at most; 0: no cap
 
 
 def _prepare_process() -> None:
@@ -59,6 +60,7 @@ def run_mount(cfg: MountConfig) -> None:
     root_fd = os.open(cfg.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
     replicator.live_passes = cfg.live_passes
+    replicator.resync_maxrate = cfg.maxrate
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal, cfg.alone)
@@ -83,7 +85,14 @@ def run_mount(cfg: MountConfig) -> None:
     finally:
         status.close()
         pyfuse3.close(unmount=True)
-        journal.close()
+        # Before the journal says "closed cleanly": on disk, every file's data must match
+        # its mtime, or a crash soon after leaves a copy a later resync takes for exact.
+        try:
+            _libc.syncfs_dir(root_fd)
+        except OSError as e:
+            log.error("syncfs of %s failed (%s): the journal stays unclean", cfg.data_dir, e)
+        else:
+            journal.close()
         log.info("unmounted %s", cfg.mountpoint)
 
 

@@ -221,11 +221,7 @@ class ReplicaServer:
 
     def sync_copy(self) -> None:
         """Flush the whole copy to disk (syncfs on its file system)."""
-        fd = os.open(f"/proc/self/fd/{self.root_fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _libc.syncfs(fd)
-        finally:
-            os.close(fd)
+        _libc.syncfs_dir(self.root_fd)
 
     def completed_session(self) -> str:
         """The token of the last session completed on this very directory, or ""."""

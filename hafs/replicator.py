@@ -102,6 +102,7 @@ class Replicator:
         self.resync_scope: trio.CancelScope | None = None  # the running resync's
         self.resync_status: dict[str, object] = {}
         self.live_passes = LIVE_PASSES
+        self.resync_maxrate = 0  # bytes/s a resync's live passes send at most; 0: no cap
         self.sent_ops = 0
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED

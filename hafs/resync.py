@@ -325,6 +325,7 @@ class TreeCopy:
         # under the copy (gone, replaced) is handed to it and skipped; the journal names
         # the change, and the next pass compares it again.
         self.missed = missed
+        self._began, self._sent_before = time.monotonic(), report.bytes_sent  # for maxrate
         # Files whose only changes are journaled chunks: only those chunks are sent.
         self.ranges = ranges or {}
         self.root_fd = root_fd
@@ -362,6 +363,7 @@ class TreeCopy:
 
     async def pace(self) -> None:
         """Every half window, wait for the previous half: at most a window in flight."""
+        await self._throttle()
         if self._window_bytes < WINDOW_BYTES // 2 and self._window_ops < WINDOW_OPS // 2:
             return
         await self.rep.applied(self._checkpoint)
@@ -370,6 +372,17 @@ class TreeCopy:
             raise ResyncInterrupted(self.rep.reason)
         self._checkpoint, self._window_bytes, self._window_ops = self._last_seq, 0, 0
         self.rep.resync_status.update(self.report.reply())  # progress, for the status
+
+    async def _throttle(self) -> None:
+        """No faster than the mount's maxrate, in live passes only: the last pass holds the
+        application's writes, and what it copies is small."""
+        rate = self.rep.resync_maxrate
+        if rate <= 0 or self.missed is None:
+            return
+        ahead = (self.report.bytes_sent - self._sent_before) / rate
+        ahead -= time.monotonic() - self._began
+        if ahead > 0:
+            await trio.sleep(ahead)
 
     async def settled(self) -> None:
         """Wait until the replica applied every op sent so far."""

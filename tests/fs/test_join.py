@@ -698,3 +698,15 @@ def test_resync_by_hand_of_a_mounted_directory(join: Join) -> None:
         assert int(resync_line(result.stdout)["files_checked"]) > 0
         assert mnt.status()["mode"] == "MIRROR"
         join.assert_identical()
+
+
+def test_maxrate_caps_the_copy(join: Join) -> None:
+    """`--maxrate 8` (MB/s, the daemon's reiallowedbw): 24 MB cannot be sent in under 3 s;
+    no floor is asserted (a slow machine only makes it longer)."""
+    for i in range(6):
+        write_file(join.primary_dir / f"bulk{i}", os.urandom(4 << 20))
+    with join.replica(), join.mount(alone=True, extra_args=("--maxrate", "8")):
+        counters = join.mirror()
+        assert counters.bytes_sent == 24 << 20, counters
+        assert counters.seconds >= 24 * 1.048576 / 8 * 0.9, counters
+        join.assert_identical()

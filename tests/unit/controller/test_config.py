@@ -319,6 +319,7 @@ def test_every_documented_element_loads_with_its_units(
     assert module.rfs.syncdelta == 600.0  # bare number: minutes
     assert module.rfs.checktime == 220.0
     assert ("roflags", "0x10") in module.rfs.safekit_only
+    assert module.rfs.reiallowedbw == 20000  # KB/s: the resync's maxrate
     assert module.user is not None and module.user.nicestoptimeout == 60.0
     assert module.user.env == {"MYSQL_SOCKET": "/run/mysqld/mysqld.sock", "APP_DATA": "/srv/app"}
     assert module.check.tcp[0].port == 3306 and module.check.tcp[0].timeout == 2.0
