@@ -6,7 +6,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
 
 .PHONY: install install-system install-python test lint unit bench-fs bench-failover clean \
-	rig-up rig-down rig-status install-remote start-remote status-remote
+	demo rig-up rig-down rig-status install-remote start-remote status-remote bench-resync
 
 install: install-system install-python
 
@@ -42,6 +42,14 @@ bench-fs: install
 
 bench-failover: install
 	$(PY) bench/failover.py $(BENCH_ARGS)
+
+bench-resync: install
+	$(PY) bench/resync.py $(BENCH_ARGS)
+
+# The main job (tools/demo): rig up, client writes through the VIP, node1 loses power, failover
+# to node2 timed and checked, node1 reintegrates, swap back, summary, rig down (also on failure).
+demo: install
+	$(PY) tools/demo
 
 # The persistent two-node MySQL rig (docs/rig.md): namespaces hafs-node1, hafs-node2,
 # hafs-witness, hafs-client; node1 PRIM, node2 SECOND, MariaDB on the virtual IP.

@@ -380,6 +380,17 @@ class RemoteHashes:
             self._ready.update(ready)
         return self._ready.pop(key)
 
+    def ready(self, item: BlockItem) -> tuple[bool, FileBlocks | None]:
+        """(True, what `get` returns) if the item's batch has arrived, else (False, None):
+        never blocks, so the event loop can take it without a thread hop."""
+        key = (item.path, item.first)
+        if key not in self._ready and self._next is not None and self._next.done():
+            self._ready.update(self._next.result())
+            self._next = self._pool.submit(self._batch) if self._queue else None
+        if key in self._ready:
+            return True, self._ready.pop(key)
+        return False, None
+
     def _batch(self) -> dict[tuple[str, int], FileBlocks | None]:
         items: list[BlockItem] = []
         blocks = 0

@@ -452,9 +452,9 @@ class StuckReplica:
 
 
 class HoldingProxy:
-    """Forwards connections to a real replica, but holds the VERIFY connections opened
-    after a MIRROR session (their requests are never forwarded nor answered): the passes
-    after the first, which compare the journaled paths, then stall."""
+    """Forwards connections to a real replica, but holds the requests for partial
+    manifests made after a MIRROR session opened (never forwarded nor answered): the
+    passes after the first, which compare the journaled paths, then stall."""
 
     def __init__(self, port: int, target: int) -> None:
         self.target, self.mirror_seen = target, False
@@ -489,15 +489,26 @@ class HoldingProxy:
             conn.sendall(_recv_exact(upstream, protocol.HELLO.size))
             auth = _recv_exact(conn, protocol.AUTH.size)
             purpose = protocol.Purpose(protocol.AUTH.unpack(auth)[1])
-            if purpose is protocol.Purpose.VERIFY and self.mirror_seen:
-                continue  # held: never forwarded, never answered
             self.mirror_seen |= purpose is protocol.Purpose.MIRROR
             upstream.sendall(auth)
+            conn.sendall(_recv_exact(upstream, protocol.AUTH_OK.size))
+            if purpose is protocol.Purpose.VERIFY:
+                first = _first_frame(conn)
+                if self.mirror_seen and b'"paths"' in first:
+                    continue  # held: never forwarded, never answered
+                upstream.sendall(first)
             upstream.settimeout(None)
             for a, b in ((conn, upstream), (upstream, conn)):
                 pipe = threading.Thread(target=_pipe, args=(a, b), daemon=True)
                 self.threads.append(pipe)
                 pipe.start()
+
+
+def _first_frame(conn: socket.socket) -> bytes:
+    """The client's first frame, whole (its payload is plain: only MACed)."""
+    header = _recv_exact(conn, protocol.HEADER.size)
+    length = protocol.HEADER.unpack(header)[2]
+    return header + _recv_exact(conn, length + protocol.MAC_LEN)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
