@@ -199,12 +199,14 @@ class DataPath:
         log_dir: Path,
         timeout: float,
         maxrate: int = 0,
+        workers: int = 4,
     ):
         self.dirs = dirs
         self.key_file = key_file
         self.log_dir = log_dir
         self.timeout = timeout
         self.maxrate = maxrate  # bytes/s a resync sends at most (0: no cap)
+        self.workers = workers  # threads reading trees and hashing blocks (<rfs nbrei>)
         self.mounts: list[DataProcess] = []
         self.replicas: list[DataProcess] = []
 
@@ -245,6 +247,7 @@ class DataPath:
             "--state-dir", str(d.mount_state),
             "--timeout", str(self.timeout),
             "--maxrate", str(self.maxrate / 1e6),
+            "--workers", str(self.workers),
         )  # fmt: skip
         return [*argv, "--alone"] if alone else argv
 
@@ -370,6 +373,7 @@ class DataPath:
             "--listen", _hostport(d.local),
             "--key", str(self.key_file),
             "--state-dir", str(d.replica_state),
+            "--workers", str(self.workers),
         )  # fmt: skip
         sock = d.replica_state / "status.sock"
         return DataProcess("replica", argv, sock, self.log_dir / f"replica{i}.log")

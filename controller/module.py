@@ -171,6 +171,7 @@ class Module:
             layout.logs / self.name,
             timeout=min(config.heart.timeout, 30.0),
             maxrate=config.rfs.reiallowedbw * 1000 if config.rfs else 0,
+            workers=config.rfs.nbrei if config.rfs else 4,
         )
         self.vips = virtual_ips(config.vip) if config.vip is not None else []
         self.checkers = _checkers(config, self.vips)

@@ -90,6 +90,12 @@ def fs_replica(
     dir: DirArg,
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to accept the mount on")],
     key: KeyOpt,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="threads reading the tree and hashing blocks in a resync (<rfs nbrei>)"
+        ),
+    ] = 4,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -99,9 +105,8 @@ def fs_replica(
     _setup_logging(verbose)
     data_dir = _directory(dir)
     try:
-        run_replica(
-            data_dir, _hostport(listen), _key(key), state_dir or default_state_dir(data_dir)
-        )
+        state = state_dir or default_state_dir(data_dir)
+        run_replica(data_dir, _hostport(listen), _key(key), state, workers)
     except OSError as e:
         _fail(f"replica: {e}", 1)
 
@@ -145,6 +150,12 @@ def fs_mount(
             "last, paused pass is not held back); 0: as fast as it can",
         ),
     ] = 0.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="threads reading the tree and hashing blocks in a resync (<rfs nbrei>)"
+        ),
+    ] = 4,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -169,6 +180,7 @@ def fs_mount(
         xattrs=xattrs,
         alone=alone,
         maxrate=int(maxrate * 1e6),
+        workers=workers,
     )
     if live_passes is not None:
         cfg = dataclasses.replace(cfg, live_passes=live_passes)

@@ -18,6 +18,7 @@ import trio
 from hafs import _libc, repair, resync
 from hafs.fs import HafsOperations
 from hafs.journal import Journal
+from hafs.manifest import WORKERS
 from hafs.replica import ReplicaServer
 from hafs.replicator import LIVE_PASSES, Mode, Replicator
 from hafs.state import StateStore
@@ -38,6 +39,7 @@ class MountConfig:
     alone: bool = False  # start ALONE, as the controller's Mount(ALONE): no connect attempt
     live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
     maxrate: int = 0  # bytes/s a rejoin's live passes send at most; 0: no cap
+    workers: int = WORKERS  # threads reading the tree in a rejoin (<rfs nbrei>)
 
 
 def _prepare_process() -> None:
@@ -61,6 +63,7 @@ def run_mount(cfg: MountConfig) -> None:
     replicator = Replicator(cfg.peer, cfg.key, cfg.timeout, state, journal, lambda i: "")
     replicator.live_passes = cfg.live_passes
     replicator.resync_maxrate = cfg.maxrate
+    replicator.resync_workers = cfg.workers
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal, cfg.alone)
@@ -201,11 +204,13 @@ async def _stop_on_signal(scope: trio.CancelScope, replicator: Replicator) -> No
             return
 
 
-def run_replica(data_dir: str, listen: tuple[str, int], key: bytes, state_dir: Path) -> None:
+def run_replica(
+    data_dir: str, listen: tuple[str, int], key: bytes, state_dir: Path, workers: int = WORKERS
+) -> None:
     _prepare_process()
     state = StateStore(state_dir)
     state.update(role="replica")
-    server = ReplicaServer(data_dir, listen, key, state)
+    server = ReplicaServer(data_dir, listen, key, state, workers)
     status = StatusServer(state_dir / "status.sock", server.snapshot)
     stop = threading.Event()
 

@@ -48,9 +48,15 @@ class ReplicaStats:
 
 class ReplicaServer:
     def __init__(
-        self, data_dir: str, listen: tuple[str, int], key: bytes, state: StateStore
+        self,
+        data_dir: str,
+        listen: tuple[str, int],
+        key: bytes,
+        state: StateStore,
+        workers: int = manifest.WORKERS,
     ) -> None:
         self.data_dir = data_dir
+        self.workers = workers  # threads reading the tree and hashing blocks (<rfs nbrei>)
         self.root_fd = os.open(data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.key = key
         self.state = state
@@ -155,7 +161,7 @@ class ReplicaServer:
                         why = f"expected a manifest request or a block request: {frame.ftype.name}"
                         raise p.ProtocolError(why)
                     request = blocks.BlockRequest.from_bytes(bytes(frame.payload))
-                    data = blocks.reply(self.root_fd, request, self.copy_exact())
+                    data = blocks.reply(self.root_fd, request, self.copy_exact(), self.workers)
                     _send_chunked(conn, writer, p.FrameType.BLOCKS, data)
         except (p.ProtocolError, OSError, manifest.ManifestError) as e:
             log.warning("verify request from %s failed: %s", peer, e)
@@ -169,7 +175,7 @@ class ReplicaServer:
         if not request:
             return manifest.to_bytes(manifest.build_manifest(self.root_fd))
         if request == wire.WHOLE_WITHOUT_DIGESTS:
-            whole = manifest.build_manifest(self.root_fd, digests=False, workers=manifest.WORKERS)
+            whole = manifest.build_manifest(self.root_fd, digests=False, workers=self.workers)
             return manifest.to_bytes(whole)
         try:
             scope = manifest.Scope.from_json(json.loads(request))

@@ -27,7 +27,7 @@ from enum import StrEnum
 
 import trio
 
-from hafs import _libc, ops
+from hafs import _libc, manifest, ops
 from hafs import protocol as p
 from hafs.journal import Journal
 from hafs.state import StateStore
@@ -103,6 +103,7 @@ class Replicator:
         self.resync_status: dict[str, object] = {}
         self.live_passes = LIVE_PASSES
         self.resync_maxrate = 0  # bytes/s a resync's live passes send at most; 0: no cap
+        self.resync_workers = manifest.WORKERS  # threads reading the tree (<rfs nbrei>)
         self.sent_ops = 0
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED

@@ -907,7 +907,7 @@ async def _whole_manifests(
 
     async def local() -> None:
         build = functools.partial(
-            manifest.build_manifest, root_fd, digests=False, workers=manifest.WORKERS
+            manifest.build_manifest, root_fd, digests=False, workers=rep.resync_workers
         )
         trees["local"] = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
 
