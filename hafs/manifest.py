@@ -124,15 +124,16 @@ def check_path(path: str) -> None:
         raise ManifestError(f"bad path {path!r}")
 
 
-def build_partial(root: int, scope: Scope) -> Partial:
+def build_partial(root: int, scope: Scope, *, digests: bool = True) -> Partial:
     """Manifest of the scope's paths in the tree at `root` (an fd; O_PATH allowed).
 
     Paths that do not exist, or lead through a symlink, a non-directory or another file
-    system, are simply absent, as they would be from a whole-tree walk.
+    system, are simply absent, as they would be from a whole-tree walk. digests=False:
+    no content read (a resync compares such files by block hashes instead).
     """
     fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
     try:
-        walk = _Walk(os.fstat(fd))
+        walk = _Walk(os.fstat(fd), digests=digests)
         for path in sorted(scope.trees):
             walk.subtree(fd, path)
         for path in sorted(scope.dirs):

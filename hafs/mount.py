@@ -136,21 +136,16 @@ class MountControl:
         self.replicator = replicator
         self.operations = operations
         self.token: trio.lowlevel.TrioToken | None = None  # set once the loop runs
-        self._repairing = threading.Lock()  # one repair at a time (hafs.repair)
+        # One resync or repair at a time: each pauses the calls at the replicator's one
+        # gate, and each opens it when it ends.
+        self._copying = threading.Lock()
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.token is None:
             return {"ok": False, "message": "the mount is still starting"}
         try:
             if request["cmd"] == "mirror":
-                report = trio.from_thread.run(
-                    resync.rejoin,
-                    self.replicator,
-                    self.operations,
-                    bool(request.get("full")),
-                    trio_token=self.token,
-                )
-                return report.reply()
+                return self._mirror(bool(request.get("full")))
             if request["cmd"] == "repair":
                 return self._repair(request.get("paths"))
             if request["cmd"] == "alone":
@@ -160,17 +155,28 @@ class MountControl:
             return {"ok": False, "message": "the mount is stopping"}
         return {"ok": False, "message": f"unknown command {request['cmd']!r}"}
 
+    def _mirror(self, full: bool) -> dict[str, Any]:
+        if not self._copying.acquire(blocking=False):
+            return {"ok": False, "message": "a resync or a repair is already running"}
+        try:
+            report = trio.from_thread.run(
+                resync.rejoin, self.replicator, self.operations, full, trio_token=self.token
+            )
+            return report.reply()
+        finally:
+            self._copying.release()
+
     def _repair(self, paths: object) -> dict[str, Any]:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             return {"ok": False, "message": "bad request: paths must be a list of paths"}
-        if not self._repairing.acquire(blocking=False):
-            return {"ok": False, "message": "a repair is already running"}
+        if not self._copying.acquire(blocking=False):
+            return {"ok": False, "message": "a resync or a repair is already running"}
         try:
             return trio.from_thread.run(
                 repair.repair, self.replicator, self.operations, paths, trio_token=self.token
             )
         finally:
-            self._repairing.release()
+            self._copying.release()
 
     def _alone(self, reason: str) -> dict[str, Any]:
         rep = self.replicator

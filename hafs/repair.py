@@ -116,11 +116,17 @@ async def repair(rep: Replicator, mount: HafsOperations, paths: list[str]) -> di
     root_fd = mount.nodes[ROOT_INO].fd
     copy = LiveCopy(rep, root_fd, mount.root_st_ino, {}, {}, report)
     started = trio.current_time()
+    # Durable before anything is sent: if the peer fails half-way, the resync that follows
+    # compares these paths whole (records in MIRROR only widen the next resync).
+    for path in paths:
+        rep.journal.record("moved", path, 0)
     rep.pause_changes()
     barrier = 0
     try:
         barrier = copy.barrier()
-        await _repair(rep, copy, barrier, paths, mount.nodes.keys())
+        # Cancelled by degrade(), as a resync is: a repair must not outlive its stream.
+        with trio.CancelScope() as rep.resync_scope:
+            await _repair(rep, copy, barrier, paths, mount.nodes.keys())
         report.ok = rep.mode is Mode.MIRROR
     except _FAILURES as e:
         report.message = f"repair failed: {e or type(e).__name__}"
@@ -128,8 +134,9 @@ async def repair(rep: Replicator, mount: HafsOperations, paths: list[str]) -> di
         log.exception("repair failed")
         report.message = f"repair failed: internal error: {e!r}"
     finally:
+        rep.resync_scope = None
         if not report.ok:
-            _after_failure(rep, paths, report.message, half_done=copy.sent_after(barrier))
+            _after_failure(rep, report.message, half_done=copy.sent_after(barrier))
         rep.resume_changes()
     paused = round(trio.current_time() - started, 3)
     if report.ok:
@@ -181,12 +188,9 @@ def _private(ino: int) -> int:
     return ino if ino == ROOT_INO else ino | PRIVATE
 
 
-def _after_failure(rep: Replicator, paths: list[str], why: str, half_done: bool) -> None:
+def _after_failure(rep: Replicator, why: str, half_done: bool) -> None:
     """A repair that sent part of its plan leaves the replica neither as it was nor as
-    ours: go ALONE (the controller then resyncs the peer) with the paths journaled, so
-    the resync compares them whole. One that sent nothing leaves things as they were."""
+    ours: go ALONE (the controller then resyncs the peer; the paths are journaled). One
+    that sent nothing leaves things as they were."""
     if half_done and rep.mode is Mode.MIRROR:
         rep.degrade(why or "repair failed half-way")
-    if rep.mode is Mode.ALONE:
-        for path in paths:
-            rep.journal.record("moved", path, 0)

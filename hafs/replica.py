@@ -178,10 +178,14 @@ class ReplicaServer:
             whole = manifest.build_manifest(self.root_fd, digests=False, workers=self.workers)
             return manifest.to_bytes(whole)
         try:
-            scope = manifest.Scope.from_json(json.loads(request))
+            doc = json.loads(request)
+            digests = not (isinstance(doc, dict) and "scope" in doc)  # else {"scope", "digests"}
+            if not digests and (set(doc) != {"scope", "digests"} or doc["digests"] is not False):
+                raise manifest.ManifestError("a scoped request has a scope and digests false")
+            scope = manifest.Scope.from_json(doc if digests else doc["scope"])
         except ValueError as e:  # ManifestError included
             raise p.ProtocolError(f"malformed manifest request: {e}") from e
-        part = manifest.build_partial(self.root_fd, scope)
+        part = manifest.build_partial(self.root_fd, scope, digests=digests)
         return manifest.to_bytes(part.entries, part.loose, self.completed_session())
 
     def root_id(self) -> str:

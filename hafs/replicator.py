@@ -509,7 +509,10 @@ class Replicator:
         log.info("resync done: mirroring to %s", self._peer_text())
 
     def abort_resync(self, reason: str) -> None:
-        """Back to ALONE (the journal untouched) with the reason; the gate opens."""
+        """Back to ALONE (the journal untouched) with the reason; the gate opens. A repair
+        running in MIRROR is cancelled first, so no copy op follows the released calls."""
+        if self.resync_scope is not None:
+            self.resync_scope.cancel()
         if self.mode is Mode.RESYNC:
             self.degrade(f"resync failed: {reason}")
         self.resume_changes()

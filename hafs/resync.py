@@ -669,8 +669,12 @@ class TreeCopy:
             self.send(OpFrame(Op.REMOVEXATTR, (ino,), (os.fsencode(name),)))
 
     def _times(self, ino: int, path: str) -> FileTimes:
+        """The entry's mtime as the manifest read it, before its content: a live pass must
+        never give the replica a newer mtime than the bytes it sent (a later comparison by
+        size and mtime would take them for equal)."""
         st = os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)
-        return FileTimes(ino, st.st_atime_ns, st.st_mtime_ns)
+        entry = self.local.get(path)
+        return FileTimes(ino, st.st_atime_ns, st.st_mtime_ns if entry is None else entry.mtime_ns)
 
     # -- the mount's inodes ---------------------------------------------------------------
 
@@ -812,6 +816,7 @@ async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport, 
     cheap = cheap_compare_trusted(exact, rep.journal.unclean)
     _progress(rep, report, "connecting")
     await rep.open_session()
+    await _barrier(rep, mount.nodes[ROOT_INO].fd)
     last = False
     while True:
         report.passes += 1
@@ -861,9 +866,15 @@ async def _pass(
     if report.passes == 1:
         report.journal = narrowed is not None
     report.files_checked += len(local)
-    suspects = changes.scope().paths if narrowed is None else frozenset()
+    # Size and mtime say nothing of what the journal names, nor, after pass 1, of files
+    # this resync copied while they changed: those are compared by block hashes.
+    scope = changes.scope() if narrowed is None else narrowed.scope
     compare = functools.partial(
-        plan_resync, local, remote, size_mtime_trusted=cheap, suspects=suspects
+        plan_resync,
+        local,
+        remote,
+        size_mtime_trusted=cheap and report.passes == 1,
+        suspects=_suspects(local, scope),
     )
     plan = await trio.to_thread.run_sync(compare)  # reads go on
     # From here the peer's copy is neither its old self nor ours until RESYNC_DONE is
@@ -879,6 +890,21 @@ async def _pass(
     if not live:
         copy.bind_known(mount.nodes, mount.path_of if narrowed else None)
     return copy
+
+
+async def _barrier(rep: Replicator, root_fd: int) -> None:
+    """A TIMES of the root (its own times) on the new session, acknowledged: the replica
+    runs this session now, so a dead one no longer applies ops under pass 1's reads."""
+    st = os.fstat(root_fd)
+    times = FileTimes(ROOT_INO, st.st_atime_ns, st.st_mtime_ns)
+    await rep.applied(rep.send_copy(OpFrame(Op.TIMES, times=(times,))))
+
+
+def _suspects(local: dict[str, Entry], scope: manifest.Scope) -> frozenset[str]:
+    """The entries whose content the journal says may have changed: its paths, and
+    everything under a moved entry (another file may have been renamed onto a name)."""
+    trees = set(scope.trees)
+    return frozenset(p for p in local if p in scope.paths or _under(p, trees))
 
 
 def _content_bytes(plan: ResyncPlan, local: dict[str, Entry], ranges: dict[str, set[int]]) -> int:
@@ -938,9 +964,13 @@ async def _fetch_whole(rep: Replicator) -> dict[str, Entry]:
     return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
 
 
-async def _fetch_partial(rep: Replicator, scope: manifest.Scope) -> manifest.Partial:
+async def _fetch_partial(
+    rep: Replicator, scope: manifest.Scope, digests: bool = True
+) -> manifest.Partial:
     assert rep.peer is not None and rep.key is not None
-    fetch = functools.partial(wire.fetch_partial, rep.peer, rep.key, max(rep.timeout, 2.0), scope)
+    fetch = functools.partial(
+        wire.fetch_partial, rep.peer, rep.key, max(rep.timeout, 2.0), scope, digests
+    )
     return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
 
 
@@ -1013,8 +1043,8 @@ async def _narrowed(rep: Replicator, root_fd: int, scope: manifest.Scope) -> Nar
     read again, until the plan needs nothing more.
     """
     for _ in range(MAX_ROUNDS):
-        remote = await _fetch_partial(rep, scope)
-        build = functools.partial(manifest.build_partial, root_fd, scope)
+        remote = await _fetch_partial(rep, scope, digests=False)
+        build = functools.partial(manifest.build_partial, root_fd, scope, digests=False)
         local = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
         loose = local.loose | remote.loose
         if loose:

@@ -403,8 +403,9 @@ def test_commands_refused_where_they_make_no_sense(join: Join, tmp_path: Path) -
 
 class StuckReplica:
     """A replica server that answers VERIFY with an empty tree and accepts the MIRROR
-    stream but never reads it: the first (live) pass of the copy stalls until the mount's
-    watchdog, an `alone` command or a SIGTERM ends it."""
+    stream but never reads it: the resync stalls while "connecting" (its first op, a
+    barrier, is never acknowledged), with the application's writes going on, until the
+    mount's watchdog, an `alone` command or a SIGTERM ends it."""
 
     def __init__(self, port: int, key: Path, empty_dir: Path) -> None:
         self.key = protocol.read_key(str(key))
@@ -609,7 +610,7 @@ def test_alone_during_a_stalled_copy_ends_it_and_keeps_the_journal(join: Join) -
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
         join.mount(alone=True, timeout=60) as mnt,
-        stuck_copy(join, mnt, "pass 1: copying") as copy,
+        stuck_copy(join, mnt, "connecting") as copy,
     ):
         assert not copy.call.is_alive() and "done" in copy.outcome, "a call waited for pass 1"
         result = join.alone("heartbeats lost")
@@ -653,7 +654,7 @@ def test_sigterm_during_a_stalled_copy_unmounts_cleanly(join: Join) -> None:
     with (
         StuckReplica(join.port, join.key, join.replica_dir),
         join.mount(alone=True, timeout=60) as mnt,
-        stuck_copy(join, mnt, "pass 1: copying") as copy,
+        stuck_copy(join, mnt, "connecting") as copy,
     ):
         assert mnt.stop() == 0, mnt.log_tail()
         copy.call.join(10)

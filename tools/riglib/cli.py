@@ -73,7 +73,7 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    PersistentRig.current().node(args.node).boot()
+    PersistentRig.current().boot(args.node)
     return 0
 
 

@@ -40,6 +40,11 @@ PREFIX = "hafs-"
 RIG_DIR = Path(os.environ.get("HAFS_RIG_DIR", "/var/lib/hafs-rig"))
 MODULE = "mysql"
 MODULE_SRC = REPO / "examples/mysql"
+# The rig installs the module with a 3 s heartbeat timeout (the seed's 30 s suits real
+# servers on a busy LAN: a failover here takes seconds, not half a minute) and the witness
+# namespace as its split-brain witness (docs/rig.md).
+HEART = '<heart pulse="700" timeout="3000">'
+WITNESS_CHECK = f'<check><splitbrain ident="witness" exec="ping" arg="{ADDRS["witness"]}"/></check>'
 SHARED = Path("/var/lib/mysql")  # the replicated directory, as in the module's userconfig.xml
 RUN_MYSQLD = Path("/run/mysqld")  # MariaDB's socket and pid file: each node its own
 MARIADB_PORT = 3306
@@ -106,13 +111,33 @@ class PersistentRig:
     def kill(self, name: str) -> None:
         """Power cut: every process of the node at once."""
         if name in NODES:
+            # The link first: a dead server sends nothing, not even the FIN or RST the
+            # kernel would send for the sockets of the processes it kills.
+            self.host(name).set_link(False)
             self.node(name).kill()
+            self._network_reset(name)
             return
         netns = self.host(name).netns
         pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
         for pid in pids.stdout.split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+    def boot(self, name: str) -> None:
+        """Power on: the node's link up again, then its init and daemon."""
+        node = self.node(name)
+        node.net.set_link(True)
+        node.boot()
+
+    def _network_reset(self, name: str) -> None:
+        """What a power cut does to a server's network, which the namespace outlives: what
+        its daemon added (the VIP alias) and learnt (its ARP cache) is gone when it boots
+        again; only its own address stays configured."""
+        net = self.host(name)
+        for addr in net.addresses():
+            if addr != f"{ADDRS[name]}/24":
+                net.ip("addr", "del", addr, "dev", net.ifname)
+        net.ip("neigh", "flush", "dev", net.ifname)
 
     # ------------------------------------------------------------------ faults
 
@@ -169,6 +194,19 @@ def _mysql_dir(path: Path) -> None:
     path.chmod(0o755)
 
 
+def rig_module(target: Path) -> Path:
+    """examples/mysql as the rig installs it: its heartbeat timeout and its witness."""
+    shutil.copytree(MODULE_SRC, target, symlinks=True)
+    conf = target / "conf/userconfig.xml"
+    text = conf.read_text()
+    old = '<heart pulse="700" timeout="30000">'
+    if old not in text or "</service>" not in text:
+        raise RigError(f"{MODULE_SRC}/conf/userconfig.xml: no {old} to override")
+    text = text.replace(old, HEART).replace("</service>", f"  {WITNESS_CHECK}\n</service>")
+    conf.write_text(text)
+    return target
+
+
 def init_datadir(datadir: Path) -> None:
     """A fresh MariaDB datadir with the client account, made once on the primary-to-be."""
     sql = datadir.parent / "client.sql"
@@ -207,12 +245,13 @@ def up() -> PersistentRig:
         lab.add_node(name, f"{ADDRS.get(name, CLIENT_ADDR)}/24")
     rig = PersistentRig(lab)
     say(f"namespaces {', '.join(PREFIX + n for n in ALL)} on one bridge")
+    module = rig_module(RIG_DIR / "module")
     for name in NODES:
         node = rig.node(name)
         prepare_root(node.root, key.read_bytes())
         _mysql_dir(node.data)
         _mysql_dir(node.root / "mysqld")
-        node.hafs("module", "install", MODULE, str(MODULE_SRC))
+        node.hafs("module", "install", MODULE, str(module))
     init_datadir(rig.node("node1").data)
     say("MariaDB datadir initialised on node1 (user hafs, database hafs)")
     n1, n2 = rig.node("node1"), rig.node("node2")
