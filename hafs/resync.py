@@ -817,16 +817,23 @@ async def _rejoin(rep: Replicator, mount: HafsOperations, report: ResyncReport, 
     _progress(rep, report, "connecting")
     await rep.open_session()
     await _barrier(rep, mount.nodes[ROOT_INO].fd)
-    last = False
+    last = retried = False
     while True:
         report.passes += 1
-        last = last or report.passes > rep.live_passes
+        last = (last or report.passes > rep.live_passes) and (not whole or rep.live_passes == 0)
         started = trio.current_time()
         if last:
             rep.pause_changes()
         mark = rep.journal.new_epoch()  # what changes from here, the next pass compares
         changes = rep.journal.changes(since=since)
-        copy = await _pass(rep, mount, report, changes, whole, live=not last, cheap=cheap)
+        # The paused pass may compare whole trees only if a live one already failed to
+        # narrow: reading both whole trees must not hold the application's writes.
+        may_go_whole = not last or retried or rep.live_passes == 0
+        copy = await _pass(rep, mount, report, changes, whole, not last, cheap, may_go_whole)
+        if copy is None:  # the journal could not narrow the paused pass: a live whole one
+            rep.resume_changes()
+            last, retried, whole = False, True, True
+            continue
         if last:
             report.paused_seconds = round(trio.current_time() - started, 3)
             break
@@ -846,19 +853,25 @@ async def _pass(
     whole: bool,
     live: bool,
     cheap: bool,
-) -> TreeCopy:
+    may_go_whole: bool = True,
+) -> TreeCopy | None:
     """Compare (the whole trees if `whole`, else what `changes` names) and copy what
     differs. With `live`, the tree may change meanwhile (module docstring).
 
     Whole trees are compared by size and mtime where `cheap` (`cheap_compare_trusted`),
-    except the paths `changes` names; else every file by block hashes."""
+    except the paths `changes` names; else every file by block hashes. None: the journal
+    could not narrow the comparison and `may_go_whole` is false; nothing was sent."""
     root_fd = mount.nodes[ROOT_INO].fd
     narrowed: Narrowed | None = None
     if not whole:
         _progress(rep, report, f"pass {report.passes}: comparing the journaled paths")
         found = await _narrowed(rep, root_fd, changes.scope())
         if isinstance(found, str):  # the journal cannot say it all: compare everything
-            report.full_reason, whole = found, True
+            report.full_reason = found
+            if not may_go_whole:
+                log.info("resync: %s: a live pass compares the whole trees first", found)
+                return None
+            whole = True
         else:
             narrowed, local, remote = found, found.local, found.remote
     if whole:

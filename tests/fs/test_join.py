@@ -722,3 +722,35 @@ def test_maxrate_caps_the_copy(join: Join) -> None:
         assert counters.bytes_sent == 24 << 20, counters
         assert counters.seconds >= 24 * 1.048576 / 8 * 0.9, counters
         join.assert_identical()
+
+
+def test_last_pass_that_cannot_narrow_runs_a_live_whole_pass_first(join: Join) -> None:
+    """A file written during pass 1 has a hard link outside the journaled paths: the
+    journal cannot narrow the paused pass, so a live pass compares the whole trees first
+    and the application's writes are not held while both trees are read."""
+    bulk(join.primary_dir)
+    (join.primary_dir / "x").mkdir()
+    (join.primary_dir / "y").mkdir()
+    write_file(join.primary_dir / "x/h1", b"linked\n")
+    os.link(join.primary_dir / "x/h1", join.primary_dir / "y/h2")
+    with join.replica(), join.mount(alone=True, extra_args=("--live-passes", "1")) as mnt:
+        mirror = subprocess.Popen(
+            [str(join.hafs_bin), "fs", "mirror", "--state-dir", str(join.mount_state)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: mnt.status()["resync"].get("phase") == "pass 1: copying", 30,
+                       "pass 1")  # fmt: skip
+            write_file(join.mountpoint / "x/h1", b"changed during pass 1\n")
+            out, err = mirror.communicate(timeout=120)
+        finally:
+            if mirror.poll() is None:
+                mirror.kill()
+                mirror.wait()
+        assert mirror.returncode == 0, err
+        resync = mnt.status()["resync"]
+        # Live whole, paused (cannot narrow: nothing sent), live whole, paused.
+        assert resync["passes"] == 4, resync
+        assert "outside the journaled paths" in resync["full_reason"], resync
+        assert (join.replica_dir / "y/h2").read_bytes() == b"changed during pass 1\n"
+        join.assert_identical()
