@@ -417,6 +417,22 @@ def workdir_facts(work: Path) -> dict[str, Any]:
     }
 
 
+def write_report(name: str, args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    """bench/results/NAME.json: the machine, the arguments, and the run's figures."""
+    report = {
+        "started": name.partition("-")[2],
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        **figures,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {out.relative_to(REPO)}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=1, help="repeat and report medians (default 1)")
@@ -464,20 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove(base)
     summary = summarize(runs)
     print(format_table(summary))
-    report = {
-        "started": started,
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "sizes": asdict(sz),
-        "workdir": facts,
-        "setups": summary,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"fs-{started}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out.relative_to(REPO)}")
+    write_report(f"fs-{started}", args, {"sizes": asdict(sz), "workdir": facts,
+                                          "setups": summary})  # fmt: skip
     return 1 if any(r.error for r in runs) else 0
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -46,13 +44,12 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.fs import _progress, _remove, _sigterm, workdir_facts  # noqa: E402
+from bench.fs import _progress, _remove, _sigterm, workdir_facts, write_report  # noqa: E402
 from hafs import manifest  # noqa: E402
 from tests.support import cluster  # noqa: E402
 from tests.support.join import Join, wait_until  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-RESULTS = REPO / "bench" / "results"
 BIG = 8 * MiB  # most of the dataset's bytes are in files of this size
 SMALL_SHARE = 0.15  # the rest in files of 16-128 KiB
 FILES_PER_DIR = 1000
@@ -441,20 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         _remove(base)
     res.info["loadavg_end"] = os.getloadavg()[0]
     print(format_table(res))
-    report = {
-        "started": started,
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "sizes": asdict(sz),
-        "workdir": facts,
-        **asdict(res),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"resync-{started}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out.relative_to(REPO)}")
+    write_report(f"resync-{started}", args, {"sizes": asdict(sz), "workdir": facts, **asdict(res)})
     return 1 if res.errors else 0
 
 

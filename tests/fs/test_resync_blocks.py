@@ -93,10 +93,11 @@ def test_crash_repair_finds_writes_with_the_same_size_and_mtime(join: Join) -> N
         assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
         with join.replica() as rep:
-            assert wire.fetch_exact(addr, key, 5.0) is False  # found its session cut off
+            exact = wire.fetch_exact(addr, key, 5.0)
+            assert exact is False  # found its session cut off
             remote = wire.fetch_manifest(addr, key, 10.0, digests=False)
             local = manifest.build_manifest(str(join.primary_dir), digests=False)
-            trusted = cheap_compare_trusted(replica_exact=False, journal_unclean=False)
+            trusted = cheap_compare_trusted(replica_exact=exact, journal_unclean=False)
             plan = plan_resync(local, remote, size_mtime_trusted=trusted)
             assert "big" in plan.rewrite  # size and mtime alone would miss it
 
@@ -109,11 +110,12 @@ def test_crash_repair_finds_writes_with_the_same_size_and_mtime(join: Join) -> N
             join.assert_identical()
 
             # Exact again: the cheap comparison reads no file's content on the replica.
-            assert wire.fetch_exact(addr, key, 5.0) is True
+            exact = wire.fetch_exact(addr, key, 5.0)
+            assert exact is True
             read_before = rchar(rep.pid)
             remote = wire.fetch_manifest(addr, key, 10.0, digests=False)
             read = rchar(rep.pid) - read_before
             assert read < total // 100, (read, total)
             local = manifest.build_manifest(str(join.primary_dir), digests=False)
-            trusted = cheap_compare_trusted(replica_exact=True, journal_unclean=False)
+            trusted = cheap_compare_trusted(replica_exact=exact, journal_unclean=False)
             assert plan_resync(local, remote, size_mtime_trusted=trusted).rewrite == set()
