@@ -299,11 +299,15 @@ def _resync_unmounted(
         proc = subprocess.Popen(argv)
         try:
             deadline = time.monotonic() + 60
-            while not (is_mounted(mountpoint) and _answers(state / "status.sock")):
+            while True:
+                # The status socket answers before the mount's loop takes commands.
+                if is_mounted(mountpoint) and _answers(state / "status.sock"):
+                    reply = _command(state / "status.sock", request, None)
+                    if reply.get("message") != status.STARTING:
+                        return reply
                 if proc.poll() is not None or time.monotonic() > deadline:
                     _fail(f"could not mount {data_dir} for the resync", 1)
                 time.sleep(0.1)
-            return _command(state / "status.sock", request, None)
         finally:
             proc.terminate()  # drains the stream, then unmounts
             try:

@@ -22,7 +22,7 @@ from hafs.manifest import WORKERS
 from hafs.replica import ReplicaServer
 from hafs.replicator import LIVE_PASSES, Mode, Replicator
 from hafs.state import StateStore
-from hafs.status import StatusServer
+from hafs.status import STARTING, StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class MountControl:
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.token is None:
-            return {"ok": False, "message": "the mount is still starting"}
+            return {"ok": False, "message": STARTING}
         try:
             if request["cmd"] == "mirror":
                 return self._mirror(bool(request.get("full")))

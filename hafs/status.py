@@ -25,6 +25,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REQUEST_WAIT = 0.25  # seconds a silent client waits for its snapshot
+# A mount's answer to a command before its loop runs: ask again in a moment.
+STARTING = "the mount is still starting"
 MAX_REQUEST = 64 << 10
 
 Snapshot = Callable[[], dict[str, Any]]
