@@ -46,13 +46,19 @@ DAEMON_READY_TIMEOUT = 30.0
 NODE_INIT = """
 import os, signal, subprocess, sys
 argv = sys.argv[1:]
-state = {"daemon": subprocess.Popen(argv), "stopping": False}
+state = {"daemon": subprocess.Popen(argv), "stopping": False, "restart": False}
+def start():
+    state["restart"] = False
+    state["daemon"] = subprocess.Popen(argv)
 def term(*_):
     state["stopping"] = True
     state["daemon"].send_signal(signal.SIGTERM)
 def restart(*_):
+    # A SIGKILLed daemon may still be exiting (not yet a zombie): then the loop below
+    # starts it again once it has reaped it.
+    state["restart"] = True
     if state["daemon"].poll() is not None:
-        state["daemon"] = subprocess.Popen(argv)
+        start()
 signal.signal(signal.SIGTERM, term)
 signal.signal(signal.SIGUSR1, restart)
 while True:
@@ -63,6 +69,8 @@ while True:
         continue
     if pid == state["daemon"].pid and state["stopping"]:
         sys.exit(os.waitstatus_to_exitcode(status))
+    if pid == state["daemon"].pid and state["restart"]:
+        start()
 """
 
 
