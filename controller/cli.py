@@ -403,5 +403,68 @@ def module_list() -> None:
         typer.echo(name)
 
 
+# ---------------------------------------------------------------------- the witness
+
+witness_app = typer.Typer(no_args_is_help=True, help="The arbitrating split-brain witness.")
+app.add_typer(witness_app, name="witness")
+
+
+@witness_app.command("serve")
+def witness_serve(
+    listen: Annotated[
+        str, typer.Option(help="ADDR or ADDR:PORT to answer on (UDP; default port 4950)")
+    ] = "0.0.0.0",
+    key: Annotated[
+        Path | None,
+        typer.Option(help="the cluster key file (default: this root's etc/hafs/cluster.key)"),
+    ] = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="where the lease holders are kept (default: this root's "
+            "var/lib/hafs/state/witness.json)"
+        ),
+    ] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the arbitrating witness in the foreground, on a third host both nodes reach
+    (`<splitbrain exec="arbitrate" arg="ADDR">`): it grants each module's primary role to
+    one node at a time (a lease the serving node renews)."""
+    import logging
+
+    import trio
+
+    from controller.arbiter import WITNESS_PORT, WitnessServer
+    from hafs.protocol import ProtocolError, read_key
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    host, _, port = listen.rpartition(":") if listen.count(":") == 1 else (listen, "", "")
+    layout = _layout()
+    state = state_file or layout.witness_state
+    try:
+        cluster_key = read_key(str(key or layout.cluster_key))
+        address = (host or listen, int(port) if port else WITNESS_PORT)
+        state.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError, ProtocolError) as e:
+        _fail(f"witness: {e}", 2)
+
+    async def serve() -> None:
+        try:
+            server = WitnessServer(cluster_key, state, trio.current_time())
+        except ValueError as e:
+            _fail(f"witness: {e}", 2)
+        await server.serve(address)
+
+    try:
+        trio.run(serve)
+    except OSError as e:
+        _fail(f"witness: {address[0]}:{address[1]}: {e}", 1)
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     app()

@@ -35,6 +35,8 @@ from xml.parsers import expat
 import xmlschema
 from xmlschema.validators import XsdAttributeGroup, XsdElement
 
+from controller.arbiter import WITNESS_PORT
+
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 # What SafeKit's module templates and the seed carry until the operator fills it in.
@@ -370,10 +372,14 @@ class ModuleCheck:
 
 @dataclass(frozen=True)
 class SplitBrainCheck:
-    """`<splitbrain ident exec="ping" arg>`: witnesses pinged when every heartbeat is lost."""
+    """`<splitbrain ident exec arg port>`: exec="ping", witnesses pinged when every
+    heartbeat is lost; exec="arbitrate" (hafs), one witness running `hafs witness serve` on
+    UDP `port` that grants the primary role to one node at a time (controller/arbiter.py)."""
 
     ident: str
     witnesses: tuple[IPAddress, ...]
+    arbitrate: bool = False
+    port: int = WITNESS_PORT
 
 
 @dataclass(frozen=True)
@@ -1353,8 +1359,12 @@ def _splitbrain(r: _Reader, e: _Element) -> SplitBrainCheck:
     words = e.get("arg", "").split()
     if not words:
         r.problem(e, "<splitbrain> arg needs at least one witness address", "arg")
-    witnesses = (r.address(e, "arg", word) for word in words)
-    return SplitBrainCheck(e.get("ident", ""), tuple(w for w in witnesses if w is not None))
+    witnesses = tuple(w for w in (r.address(e, "arg", word) for word in words) if w is not None)
+    arbitrate = e.get("exec") == "arbitrate"
+    if arbitrate and len(words) != 1:
+        r.problem(e, 'exec="arbitrate" takes exactly one witness address', "arg")
+    port = r.integer(e, "port", WITNESS_PORT)
+    return SplitBrainCheck(e.get("ident", ""), witnesses, arbitrate, port)
 
 
 def _failover(r: _Reader, e: _Element) -> FailoverRules:

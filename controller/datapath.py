@@ -248,6 +248,7 @@ class DataPath:
             "--timeout", str(self.timeout),
             "--maxrate", str(self.maxrate / 1e6),
             "--workers", str(self.workers),
+            "--fence",  # this daemon decides when a mount that lost its peer goes on
         )  # fmt: skip
         return [*argv, "--alone"] if alone else argv
 
@@ -308,17 +309,24 @@ class DataPath:
         return results
 
     async def alone(self, reason: str) -> None:
-        """Stop replicating and journal instead (I5)."""
+        """Stop replicating and journal instead (I5); held calls complete."""
+        await self._tell_mounts("alone", reason)
+
+    async def fence(self, reason: str) -> None:
+        """Fail the calls the peer did not acknowledge, and every later change (EIO)."""
+        await self._tell_mounts("fence", reason)
+
+    async def _tell_mounts(self, cmd: str, reason: str) -> None:
         for proc in self.mounts:
-            request = {"cmd": "alone", "reason": reason}
+            request = {"cmd": cmd, "reason": reason}
             try:
                 reply = await trio.to_thread.run_sync(
                     status.command, proc.status_sock, request, 10.0
                 )
             except ValueError as e:  # closed without a reply: it died or failed
-                raise DataPathError(f"alone: {proc.exit_detail()}: {e}") from e
+                raise DataPathError(f"{cmd}: {proc.exit_detail()}: {e}") from e
             if not reply.get("ok"):
-                raise DataPathError(f"alone: {reply.get('message', 'refused')}")
+                raise DataPathError(f"{cmd}: {reply.get('message', 'refused')}")
 
     async def unmount(self) -> None:
         """Stop the mounts, this daemon's and any an earlier daemon left, and make sure
@@ -338,13 +346,13 @@ class DataPath:
         return [d.dir for d in self.dirs if is_fuse_mounted(d.dir)]
 
     async def replication_lost(self) -> str | None:
-        """Why a mount stopped replicating (it went ALONE by itself, I5), or None."""
+        """Why a mount stopped replicating (HELD, or ALONE by itself), or None."""
         for proc in self.mounts:
             if not proc.alive:
                 return proc.exit_detail()
             with contextlib.suppress(OSError, ValueError):
                 snap = await proc.status()
-                if _mode(snap) == "ALONE":
+                if _mode(snap) in ("HELD", "ALONE"):
                     return str(snap.get("reason") or "the mount went ALONE")
         return None
 

@@ -136,9 +136,10 @@ class Datagram:
     payload: dict[str, Any]
 
 
-def heartbeat_key(cluster_key: bytes) -> bytes:
-    """The key that MACs heartbeats, derived from the cluster key."""
-    return hmac.new(cluster_key, KEY_LABEL, hashlib.sha256).digest()
+def heartbeat_key(cluster_key: bytes, label: bytes = KEY_LABEL) -> bytes:
+    """The key that MACs heartbeats (or, with another label, the witness's datagrams),
+    derived from the cluster key."""
+    return hmac.new(cluster_key, label, hashlib.sha256).digest()
 
 
 def _mac(hb_key: bytes, data: bytes) -> bytes:
@@ -242,7 +243,7 @@ class _Window:
     last_reason: str = ""
 
 
-class _RejectReports:
+class RejectReports:
     """Passes rejections on at most once per `interval` per kind; no I/O, no clock.
 
     The first rejection of a kind is reported at once and opens a window of `interval`
@@ -346,7 +347,7 @@ class Heartbeats:
         self._timeout = timeout
         self._on_beat = on_beat
         self._on_lost = on_lost
-        self._rejects = _RejectReports(on_reject, REJECT_REPORT_INTERVAL)
+        self._rejects = RejectReports(on_reject, REJECT_REPORT_INTERVAL)
         self._reject_window_opened = trio.Event()
         # sending
         self._boot = secrets.token_bytes(_BOOT_LEN)

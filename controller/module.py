@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import trio
 
 from controller import statemachine as sm
+from controller.arbiter import WitnessClient
 from controller.checkers import Checker, poll_once
 from controller.checkers.interface import InterfaceChecker
 from controller.checkers.process import process_checkers
@@ -32,6 +32,7 @@ from controller.heartbeat import Heartbeats, Network, PeerBeat
 from controller.modulelog import ModuleLog
 from controller.paths import Layout
 from controller.vip import VipError, VirtualIp, virtual_ips
+from hafs.state import write_json_durably
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,7 @@ class DurableStore:
         d = record.durable
         data = {**asdict(d), "copy": d.copy.value, "started": record.started,
                 "serving": record.serving}  # fmt: skip
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_durably(self.path, data)
 
 
 def peer_info_to_wire(info: sm.PeerInfo) -> dict[str, Any]:
@@ -175,6 +166,14 @@ class Module:
         )
         self.vips = virtual_ips(config.vip) if config.vip is not None else []
         self.checkers = _checkers(config, self.vips)
+        self.arbiter = self._arbiter(key)
+        self._lease_until = 0.0  # trio clock: when the witness may give our lease away
+
+    def _arbiter(self, key: bytes) -> WitnessClient | None:
+        sb = self.config.check.splitbrain
+        if sb is None or not sb.arbitrate:
+            return None
+        return WitnessClient((str(sb.witnesses[0]), sb.port), key, self.name, self.node)
 
     # ------------------------------------------------------------------ configuration
 
@@ -266,6 +265,8 @@ class Module:
             nursery.start_soon(self._watch_data_path)
             for checker in self.checkers:
                 nursery.start_soon(self._run_checker, checker)
+            if self.arbiter is not None:
+                nursery.start_soon(self._keep_lease, self.arbiter)
             if self._left_serving():
                 self._clean_up_after_crash()
             elif self._boot_starts():
@@ -427,6 +428,8 @@ class Module:
                 await self.datapath.mount(alone=mode is sm.MountMode.ALONE)
             case sm.SetMountMode(mode=sm.MountMode.ALONE):
                 await self.datapath.alone(f"{self.peer} lost")
+            case sm.SetMountMode(mode=sm.MountMode.FENCED):
+                await self.datapath.fence(f"stepping down: {self.view.why}")
             case sm.SetMountMode(mode=sm.MountMode.MIRROR):
                 nursery.start_soon(self._mirror)
             case sm.Unmount():
@@ -535,14 +538,64 @@ class Module:
         sb = self.config.check.splitbrain
         witnesses = [str(w) for w in sb.witnesses] if sb else []
         try:
-            ok = await reachable(witnesses)
+            if self.arbiter is not None:
+                ok, answer = await self._claim_primary(self.arbiter)
+            else:
+                ok = await reachable(witnesses)
+                answer = "reachable" if ok else "unreachable"
         except Exception as e:  # no ping binary, no socket: the witness was not reached
             log.exception("%s: witness check failed", self.name)
             self._log("E", f"splitbrain witness check failed: {e}")
-            ok = False
-        answer = "reachable" if ok else "unreachable"
+            ok, answer = False, "unreachable"
         self._log("I", f"splitbrain witness {' '.join(witnesses)}: {answer}")
         self.post(sm.WitnessResult(ok))
+
+    async def _claim_primary(self, arbiter: WitnessClient) -> tuple[bool, str]:
+        """Ask the arbitrating witness for the primary role, for up to one lease and a
+        second: a peer that is gone (or cut off from the witness) has lost its lease by
+        then."""
+        lease = self.config.heart.timeout
+        deadline = trio.current_time() + lease + 1.0
+        answer = await arbiter.claim_until(lease, deadline)
+        if answer is None:
+            return False, "unreachable"
+        if not answer.granted:
+            return False, f"refused: {answer.holder or 'it just started'} holds the primary role"
+        self._lease_until = answer.sent + answer.lease
+        return True, "granted the primary role"
+
+    async def _keep_lease(self, arbiter: WitnessClient) -> None:
+        """While serving, renew the witness's lease every quarter lease; release it after."""
+        lease = self.config.heart.timeout
+        serving, reported = False, False
+        while True:
+            v = self.view
+            if v.state.primary and not v.leaving:
+                if not serving:
+                    serving, reported = True, False
+                    now = trio.current_time()
+                    if self._lease_until < now:  # not granted: the peer was not serving
+                        # (it stopped, or lost an election); its leftover lease may run.
+                        self._lease_until = now + 2 * lease
+                answer = await arbiter.claim(lease, timeout=lease / 4)
+                if answer is not None and answer.granted:
+                    self._lease_until = answer.sent + answer.lease
+                elif not reported and self._lease_lapsing(lease):
+                    reported = True
+                    why = "no answer" if answer is None else f"{answer.holder} holds it"
+                    self.post(sm.LeaseLost(why))
+            elif serving:
+                serving = False
+                await arbiter.claim(lease, timeout=lease / 4, release=True)
+            await trio.sleep(lease / 4)
+
+    def _lease_lapsing(self, lease: float) -> bool:
+        """ALONE acknowledges on its own word: without a lease it must stop before the
+        witness can have given the role away, a quarter lease before our last claim's
+        lease ends (LeaseLost: fenced, then stepping down). A PRIM's writes wait for its
+        SECOND: it goes on."""
+        ending = trio.current_time() > self._lease_until - lease / 4
+        return ending and self.view.state is sm.State.ALONE
 
     async def _script_worker(self) -> None:
         """Run scripts one at a time, in order. A stop script arriving while a start script
@@ -589,7 +642,7 @@ class Module:
         self._script_queued.set()
 
     async def _watch_data_path(self) -> None:
-        """Report a mount that went ALONE by itself (I5) or died."""
+        """Report a mount that stopped replicating (HELD, or ALONE by itself) or died."""
         reported = False
         while True:
             await trio.sleep(WATCH_INTERVAL)

@@ -97,6 +97,11 @@ class Layout:
     def module_bin(self, module: str) -> Path:
         return self.module_dir(module) / "bin"
 
+    @property
+    def witness_state(self) -> Path:
+        """`hafs witness serve`'s lease holders."""
+        return self.home / "state" / "witness.json"
+
     def module_state(self, module: str) -> Path:
         """The module's persisted state (I7) and its data processes' state dirs."""
         return self.home / "state" / module

@@ -68,6 +68,14 @@ The rules
 - PRIM losing its SECOND becomes ALONE and keeps running; when the SECOND could have taken
   over (it was synchronised, its heartbeats timed out) and a witness is configured, it stays
   ALONE only if the witness answers, and otherwise stops the application and waits (I8).
+- Fencing. The mount does not go ALONE by itself: when the SECOND stops acknowledging, it
+  holds the calls (HELD) and reports `ReplicationLost`. Without a witness the PRIM goes ALONE
+  at once (the held calls complete, journaled). With one it stays PRIM, `held`, until it
+  knows whether the SECOND may take over: a heartbeat from the peer after the loss (it is
+  alive: ALONE) or, once the heartbeats time out, the witness (reachable: ALONE; not: the
+  calls fail, `SetMountMode(FENCED)`, and the application stops). So a PRIM cut off from its
+  peer and the witness acknowledges nothing the SECOND taking over lacks. Leaving the
+  primary role while held fences too.
 - Split brain: when two primaries see each other, `elect` picks the one that stays; the
   other logs "Split brain recovery: exiting alone", runs stop_prim, marks its copy STALE
   (its writes since the split are lost, as in SafeKit) and rejoins as SECOND. A stopped or
@@ -122,11 +130,16 @@ Limits (known, as in SafeKit)
 - Without a witness, a failure of every heartbeat network makes both nodes ALONE; when they
   meet again, the changes made on the one `elect` drops are lost. With SafeKit's kind of
   witness (a router both nodes can ping) both may still reach it.
-- I5 leaves a window: a PRIM whose mount degrades to ALONE acknowledges changes locally; if
-  every heartbeat fails before the SECOND has seen the ALONE state, that SECOND (synchronised
-  by its own account) may take over without those changes. DRBD's `fencing dont-care` has
-  the same window; closing it needs the mount to hold ALONE acknowledgements until the
-  SECOND confirms it knows (fencing).
+- With an arbitrating witness (`exec="arbitrate"`, controller/arbiter.py) the witness's
+  answer is a lease only one node holds: the one that serves renews it, and an ALONE node
+  that loses it (`LeaseLost`) is fenced and steps down before the peer can be granted it.
+- Fencing (above) needs a witness. Without one, a PRIM that loses its SECOND acknowledges
+  changes ALONE; if the SECOND lost it too, it takes over without them (SafeKit's and DRBD's
+  `fencing dont-care` behaviour). With a ping witness, a cut between the two nodes alone
+  lets both reach it: both go ALONE, and the split-brain rule drops one side's changes.
+- A PRIM released by a heartbeat after the loss goes ALONE; if every network then fails
+  before the SECOND saw that ALONE state, the SECOND (synchronised by its own account) may
+  take over without the changes made ALONE.
 - `elect` between two copies that both ran alone does not know which one actually changed
   anything; if the data path reported whether its ALONE journal is empty, the copy with
   changes could be kept when only one has some.
@@ -334,7 +347,8 @@ class NodeView:
 
     state/phase/goal: see `State`, `Phase`, `Goal`. durable: the persisted record.
     witness: a pending witness question. peer: the last heartbeat's content, None when the
-    peer is absent (heartbeats timed out) or not heard of yet. forced: primary since a forced
+    peer is absent (heartbeats timed out) or not heard of yet. held: PRIM whose mount lost
+    its SECOND and holds the calls until this node decides (fencing). forced: primary since a forced
     prim and no SECOND synchronised since. stopstart: start again once STOP is reached.
     loops: times (`now`) of the checker actions within `loop_interval`. why: the reason for
     the current state, for `hafs state`.
@@ -347,6 +361,7 @@ class NodeView:
     goal: Goal | None = None
     witness: Witness | None = None
     peer: PeerInfo | None = None
+    held: bool = False
     forced: bool = False
     stopstart: bool = False
     loops: tuple[float, ...] = ()
@@ -371,11 +386,11 @@ class NodeView:
 
     @property
     def qualifier(self) -> Qualifier:
-        return qualifier_of(self.state, self.phase, self.witness is not None)
+        return qualifier_of(self.state, self.phase, self.witness is not None or self.held)
 
     @property
     def colour(self) -> Colour:
-        return colour_of(self.state, self.phase, self.witness is not None)
+        return colour_of(self.state, self.phase, self.witness is not None or self.held)
 
     def announce(self) -> PeerInfo:
         """The content of this node's heartbeats."""
@@ -490,6 +505,14 @@ class ReplicationLost:
 
 
 @dataclass(frozen=True)
+class LeaseLost:
+    """The arbitrating witness's lease on the primary role ran out (it could not be renewed,
+    or another node holds it): the witness may grant the role to the peer now."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class CheckerFailed:
     """A checker (errd process checker, ...) asks for an action, counted by maxloop."""
 
@@ -528,6 +551,7 @@ Event: TypeAlias = (
     | WitnessResult
     | ResyncFinished
     | ReplicationLost
+    | LeaseLost
     | CheckerFailed
     | ScriptResult
     | ActionFailed
@@ -541,6 +565,7 @@ class MountMode(enum.StrEnum):
 
     MIRROR = "mirror"  # every change acknowledged by the SECOND before it returns
     ALONE = "alone"  # changes applied locally and journaled for the resync (I5)
+    FENCED = "fenced"  # stepping down: changes the SECOND did not acknowledge fail (EIO)
 
 
 class LogLevel(enum.StrEnum):
@@ -714,9 +739,9 @@ def step(view: NodeView, event: Event) -> Transition:
         case ResyncFinished(ok=ok, now=now, detail=detail):
             return _resync_finished(view, ok, now, detail)
         case ReplicationLost(detail=detail):
-            if view.state is not State.PRIM:
-                return _stay(view, "replication lost: not PRIM, nothing to do")
-            return _prim_to_alone(view, f"replication to {view.policy.peer} lost: {detail}")
+            return _replication_lost(view, detail)
+        case LeaseLost(detail=detail):
+            return _lease_lost(view, detail)
         case CheckerFailed(checker=checker, action=action, now=now):
             return _loop(view, now, f"checker {checker} asks for {action}", action)
         case ScriptResult(script=script, ok=ok):
@@ -762,6 +787,7 @@ def _t(old: NodeView, new: NodeView, reason: str, *actions: Action) -> Transitio
     if new.state is not old.state:
         line = Log(LogLevel.INFO, f"Transition {old.state} -> {new.state}: {reason}")
         actions = (line, *actions)
+        new = replace(new, held=False)  # only a PRIM holds its calls
     return Transition(new, tuple(actions), reason)
 
 
@@ -889,7 +915,12 @@ def _prim_to_alone(v: NodeView, reason: str, *before: Action) -> Transition:
 
 
 def _leave_primary(v: NodeView, goal: Goal, reason: str, *before: Action) -> Transition:
-    """First half of leaving a primary role: stop_prim. `_after_stop_prim` does the rest."""
+    """First half of leaving a primary role: stop_prim. `_after_stop_prim` does the rest.
+    Calls held for want of the SECOND's acknowledgement fail first (they would hold
+    stop_prim, and the SECOND may take over without them)."""
+    if v.held:
+        before = (SetMountMode(MountMode.FENCED), *before)
+        v = replace(v, held=False)
     if v.phase is Phase.STOPPING:
         assert v.goal is not None
         stronger = goal if _GOAL_STRENGTH[goal] > _GOAL_STRENGTH[v.goal] else v.goal
@@ -1042,12 +1073,16 @@ def _swap(v: NodeView) -> Transition:
         or p.state is not State.SECOND
         or p.phase is not Phase.READY
         or not p.synced_second
+        or v.held
     ):
         return _refuse(v, "the peer is not a synchronised SECOND")
     return _leave_primary(v, Goal.HANDOVER, f"swap: handing over to {p.name}")
 
 
 def _restart(v: NodeView, reason: str, command: bool) -> Transition:
+    if v.held:  # stop_prim would fence the held writes, and start_prim find them failing
+        why = "replication lost: writes are held until a heartbeat or the witness answers"
+        return _refuse(v, why) if command else _stay(v, f"{reason}: deferred, {why}")
     if v.state.primary and v.phase is Phase.READY:
         return _leave_primary(v, Goal.RESTART, reason)
     if v.state is State.SECOND:
@@ -1242,6 +1277,8 @@ def _primary_sees(v: NodeView, p: PeerInfo, prev: PeerInfo | None) -> Transition
         first = prev is None or not prev.serving  # warn once, not at every heartbeat
         return _stay(v, stays, *((Log(LogLevel.WARNING, stays),) if first else ()))
     if p.state is State.SECOND:
+        if v.state is State.PRIM and v.held:
+            return _prim_to_alone(v, f"replication to {peer} lost, {peer} alive: keeps running")
         if v.state is State.ALONE:
             if p.phase is Phase.RESYNCING and not v.leaving:
                 new = replace(v, state=State.PRIM, why=f"{peer} is SECOND: mirroring")
@@ -1361,13 +1398,44 @@ def _witness_result(v: NodeView, reachable: bool) -> Transition:
             return _prim_to_alone(v, "peer lost, witness reachable: keeps running")
         return _stay(v, "peer lost, witness reachable: stays ALONE")
     return _leave_primary(
-        v,
+        replace(v, held=False),
         Goal.STEP_DOWN,
         "peer and witness unreachable (splitbrain_failure): stopping the application",
+        SetMountMode(MountMode.FENCED),
     )
 
 
 # --------------------------------------------------------------------------- local events
+
+
+def _lease_lost(v: NodeView, detail: str) -> Transition:
+    """ALONE acknowledges changes on its own word: without the lease it must stop before the
+    witness can give the role to the peer. A PRIM's changes wait for its SECOND anyway."""
+    if v.state is not State.ALONE or v.leaving:
+        return _stay(v, f"witness lease lost ({detail}): nothing to do in {v.state}")
+    return _leave_primary(
+        replace(v, held=False),
+        Goal.STEP_DOWN,
+        f"witness lease lost ({detail}): stopping the application",
+        SetMountMode(MountMode.FENCED),
+    )
+
+
+def _replication_lost(v: NodeView, detail: str) -> Transition:
+    """The mount stopped replicating and holds the calls (fencing, see the module doc)."""
+    if v.state is not State.PRIM:
+        return _stay(v, "replication lost: not PRIM, nothing to do")
+    why = f"replication to {v.policy.peer} lost: {detail}"
+    if not v.policy.witness:
+        return _prim_to_alone(v, why)
+    if v.leaving:  # the application is being stopped for good: nothing to wait for
+        return _stay(v, f"{why}: fenced while leaving", SetMountMode(MountMode.FENCED))
+    if v.held:
+        return _stay(v, f"{why} (already holding)")
+    new = replace(
+        v, held=True, why=f"{why}: holding writes until a heartbeat or the witness answers"
+    )
+    return _stay(new, new.why)
 
 
 def _resync_finished(v: NodeView, ok: bool, now: float, detail: str) -> Transition:

@@ -156,6 +156,14 @@ def fs_mount(
             min=1, help="threads reading the tree and hashing blocks in a resync (<rfs nbrei>)"
         ),
     ] = 4,
+    fence: Annotated[
+        bool,
+        typer.Option(
+            help="when the peer stops acknowledging, hold the calls (HELD) until told "
+            "`hafs fs alone` (they complete, journaled) or `hafs fs fence` (they fail with "
+            "EIO) instead of going ALONE after --timeout: the daemon's fencing"
+        ),
+    ] = False,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
@@ -170,6 +178,8 @@ def fs_mount(
         _fail("--peer needs --key")
     if alone and peer is None:
         _fail("--alone needs --peer: a standalone mount has no peer to be alone from")
+    if fence and peer is None:
+        _fail("--fence needs --peer: a standalone mount has no peer")
     cfg = MountConfig(
         data_dir=data_dir,
         mountpoint=_directory(mountpoint) if mountpoint else data_dir,
@@ -181,6 +191,7 @@ def fs_mount(
         alone=alone,
         maxrate=int(maxrate * 1e6),
         workers=workers,
+        fence=fence,
     )
     if live_passes is not None:
         cfg = dataclasses.replace(cfg, live_passes=live_passes)
@@ -319,19 +330,36 @@ def _resync_unmounted(
                 force_unmount(mountpoint)
 
 
+ReasonOpt = Annotated[str, typer.Option(help="why, for the status and the log")]
+
+
 @fs_app.command("alone")
 def fs_alone(
     dir: Annotated[Path | None, typer.Argument()] = None,
     state_dir: StateOpt = None,
-    reason: Annotated[str, typer.Option(help="why, for the status and the log")] = (
-        "asked by the operator"
-    ),
+    reason: ReasonOpt = "asked by the operator",
 ) -> None:
-    """Stop replicating now and journal every change (I5); idempotent."""
-    reply = _command(_status_sock(dir, state_dir), {"cmd": "alone", "reason": reason}, 30.0)
+    """Stop replicating now and journal every change (I5); idempotent. Releases the calls
+    a --fence mount holds."""
+    _mode_command("alone", dir, state_dir, reason)
+
+
+@fs_app.command("fence")
+def fs_fence(
+    dir: Annotated[Path | None, typer.Argument()] = None,
+    state_dir: StateOpt = None,
+    reason: ReasonOpt = "asked by the operator",
+) -> None:
+    """Stop replicating and fail every mutating call not yet acknowledged by the peer, and
+    every later one, with EIO (the node is stepping down); reads go on."""
+    _mode_command("fence", dir, state_dir, reason)
+
+
+def _mode_command(cmd: str, dir: Path | None, state_dir: Path | None, reason: str) -> None:
+    reply = _command(_status_sock(dir, state_dir), {"cmd": cmd, "reason": reason}, 30.0)
     if not reply.get("ok"):
-        _fail(f"alone failed: {reply.get('message')}", 1)
-    typer.echo(f"alone: {reply.get('message')}")
+        _fail(f"{cmd} failed: {reply.get('message')}", 1)
+    typer.echo(f"{cmd}: {reply.get('message')}")
 
 
 @fs_app.command("verify")

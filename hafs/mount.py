@@ -40,6 +40,9 @@ class MountConfig:
     live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
     maxrate: int = 0  # bytes/s a rejoin's live passes send at most; 0: no cap
     workers: int = WORKERS  # threads reading the tree in a rejoin (<rfs nbrei>)
+    fence: bool = (
+        False  # a failed stream holds the calls until `alone` or `fence` (hafs.replicator)
+    )
 
 
 def _prepare_process() -> None:
@@ -64,6 +67,7 @@ def run_mount(cfg: MountConfig) -> None:
     replicator.live_passes = cfg.live_passes
     replicator.resync_maxrate = cfg.maxrate
     replicator.resync_workers = cfg.workers
+    replicator.hold_on_loss = cfg.fence
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal, cfg.alone)
@@ -151,6 +155,9 @@ class MountControl:
             if request["cmd"] == "alone":
                 reason = str(request.get("reason") or "asked to go ALONE")
                 return trio.from_thread.run_sync(self._alone, reason, trio_token=self.token)
+            if request["cmd"] == "fence":
+                reason = str(request.get("reason") or "asked to fence")
+                return trio.from_thread.run_sync(self._fence, reason, trio_token=self.token)
         except (trio.RunFinishedError, trio.Cancelled):
             return {"ok": False, "message": "the mount is stopping"}
         return {"ok": False, "message": f"unknown command {request['cmd']!r}"}
@@ -184,8 +191,16 @@ class MountControl:
             return {"ok": False, "message": "a standalone mount has no peer"}
         if rep.mode is Mode.ALONE:
             return {"ok": True, "message": f"already ALONE: {rep.reason}"}
-        rep.degrade(reason)  # also ends a running resync
+        if rep.mode is Mode.FENCED:  # final: the node is on its way out of the role
+            return {"ok": True, "message": f"stays FENCED: {rep.reason}"}
+        rep.degrade(reason)  # also ends a running resync, and releases HELD calls
         return {"ok": True, "message": f"ALONE: {reason}"}
+
+    def _fence(self, reason: str) -> dict[str, Any]:
+        if self.replicator.mode is Mode.STANDALONE:
+            return {"ok": False, "message": "a standalone mount has no peer"}
+        self.replicator.fence(reason)
+        return {"ok": True, "message": f"FENCED: {self.replicator.reason}"}
 
 
 async def _serve(replicator: Replicator, control: MountControl) -> None:
@@ -204,8 +219,11 @@ async def _stop_on_signal(scope: trio.CancelScope, replicator: Replicator) -> No
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %s: draining and unmounting", signal.Signals(signum).name)
-            # Calls paused by a resync would hold pyfuse3.main: end it, ALONE.
+            # Calls paused by a resync would hold pyfuse3.main: end it, ALONE. Calls HELD
+            # for the controller's word were never acknowledged by the peer: they fail.
             replicator.abort_resync("the mount is stopping")
+            if replicator.mode is Mode.HELD:
+                replicator.fence("the mount stopped while holding calls")
             pyfuse3.terminate()
             return
 

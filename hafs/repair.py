@@ -190,7 +190,7 @@ def _private(ino: int) -> int:
 
 def _after_failure(rep: Replicator, why: str, half_done: bool) -> None:
     """A repair that sent part of its plan leaves the replica neither as it was nor as
-    ours: go ALONE (the controller then resyncs the peer; the paths are journaled). One
+    ours: stop mirroring (ALONE, or HELD for the controller; the paths are journaled). One
     that sent nothing leaves things as they were."""
     if half_done and rep.mode is Mode.MIRROR:
-        rep.degrade(why or "repair failed half-way")
+        rep.lose(why or "repair failed half-way")

@@ -1,6 +1,13 @@
 """The primary side of the stream: sends ops in order, waits for the replica's acks,
 and degrades to ALONE (I5) when the replica fails, hangs or goes away.
 
+Fencing (`hold_on_loss`, the controller's mounts): a stream that fails while mirroring does
+not degrade by itself. The mount goes HELD: the calls not yet acknowledged, and every new
+mutating call, wait until the controller knows whether the peer may take over. It then
+says `alone` (the held calls complete, journaled) or `fence` (they fail with EIO, and so do
+all later mutating calls): a primary cut off from its peer and the witness never
+acknowledges a change that the SECOND taking over does not have (I1, I8).
+
 Ordering (I2) comes from one FIFO outbox drained by one sender task: a handler applies its
 change locally and calls `send` without awaiting in between, so the stream order is the
 order in which the changes were made. Acknowledgement (I1) is cumulative: ACK n means
@@ -46,6 +53,8 @@ class Mode(StrEnum):
     MIRROR = "MIRROR"
     ALONE = "ALONE"
     RESYNC = "RESYNC"  # still ALONE for the application (journaled) while a resync runs
+    HELD = "HELD"  # the stream failed: unacknowledged calls wait for `alone` or `fence`
+    FENCED = "FENCED"  # the node stepped down: mutating calls fail with EIO
     STANDALONE = "STANDALONE"
 
 
@@ -82,6 +91,8 @@ class Replicator:
         self.path_of = path_of
         self.mode = Mode.STANDALONE if peer is None else Mode.CONNECTING
         self.reason = ""
+        self.hold_on_loss = False  # fencing: a failed stream goes HELD, not ALONE
+        self._decided: trio.Event | None = None  # set when a HELD mount is told what to do
         self._sock: trio.socket.SocketType | None = None
         self._raw: socket.socket | None = None  # same socket, for sends without a task switch
         self._sending = False
@@ -126,6 +137,8 @@ class Replicator:
         """
         while self._gate is not None:  # a loop: another resync may have closed it again
             await self._gate.wait()
+        if self.mode is Mode.FENCED:
+            raise OSError(errno.EIO, f"fenced: {self.reason}")
         self.journal_if_alone(kind, ino, offset, length)
 
     def journal_if_alone(self, kind: str, ino: int, offset: int = 0, length: int = 0) -> None:
@@ -228,22 +241,33 @@ class Replicator:
         """Wait until the replica applied op seq (the watchdog bounds the wait)."""
         if seq == 0 or seq <= self._acked:
             return
-        if self.mode is not Mode.MIRROR and self.mode is not Mode.RESYNC:
-            return
-        event = trio.Event()
-        heapq.heappush(self._ack_waiters, (seq, next(self._tiebreak), event))
-        await event.wait()
+        if self.mode is Mode.MIRROR or self.mode is Mode.RESYNC:
+            event = trio.Event()
+            heapq.heappush(self._ack_waiters, (seq, next(self._tiebreak), event))
+            await event.wait()
+        if seq > self._acked:
+            await self._unacknowledged()
 
     async def synced(self, seq: int) -> None:
         """Wait until the replica made FSYNC op seq durable."""
-        if seq == 0 or self.mode is not Mode.MIRROR:
-            return
-        # SYNCED may have arrived while the local fsync ran: its event is then already set.
-        event = self._sync_waiters.setdefault(seq, trio.Event())
-        try:
-            await event.wait()
-        finally:
-            self._sync_waiters.pop(seq, None)
+        if seq and self.mode is Mode.MIRROR:
+            # SYNCED may have arrived while the local fsync ran: its event is then set.
+            event = self._sync_waiters.setdefault(seq, trio.Event())
+            try:
+                await event.wait()
+            finally:
+                self._sync_waiters.pop(seq, None)
+            if self.mode is Mode.MIRROR:
+                return
+        await self._unacknowledged()
+
+    async def _unacknowledged(self) -> None:
+        """A change the peer did not acknowledge: ALONE journaled it, so it may return;
+        HELD waits for the controller's word; FENCED fails it."""
+        if self.mode is Mode.HELD and self._decided is not None:
+            await self._decided.wait()
+        if self.mode is Mode.FENCED:
+            raise OSError(errno.EIO, f"not replicated, fenced: {self.reason}")
 
     async def _watchdog(self) -> None:
         """Degrade when the oldest unacknowledged op or fsync is older than the timeout.
@@ -260,19 +284,36 @@ class Replicator:
                 what = "an fsync"
             else:
                 continue
-            self.degrade(f"peer did not acknowledge {what} within {self.timeout:g} s")
+            self.lose(f"peer did not acknowledge {what} within {self.timeout:g} s")
             return
 
     # -- degrade -------------------------------------------------------------------------
+
+    def lose(self, reason: str) -> None:
+        """The stream failed: HELD when fencing a mirroring mount, else ALONE (I5)."""
+        if self.hold_on_loss and self.mode is Mode.MIRROR:
+            self._end_stream()
+            self.mode = Mode.HELD
+            self.reason = reason
+            self._decided = trio.Event()
+            self.pause_changes()
+            log.error(
+                "replication to %s stopped: %s; holding mutating calls until the "
+                "controller says alone or fence",
+                self._peer_text(),
+                reason,
+            )
+        else:
+            self.degrade(reason)
 
     def degrade(self, reason: str) -> None:
         """Stop replicating: journal what is in flight, persist ALONE, release waiters.
 
         Also ends a running resync and opens its gate: the waiting calls go on ALONE.
         """
-        if self.mode not in (Mode.MIRROR, Mode.CONNECTING, Mode.RESYNC):
+        if self.mode not in (Mode.MIRROR, Mode.CONNECTING, Mode.RESYNC, Mode.HELD):
             return
-        switched = self.mode is not Mode.RESYNC  # a resync's mode on disk is still ALONE
+        self._end_stream()
         self.mode = Mode.ALONE
         self.reason = reason
         log.error(
@@ -280,6 +321,23 @@ class Replicator:
             self._peer_text(),
             reason,
         )
+        self._release_calls()
+
+    def fence(self, reason: str) -> None:
+        """The node steps down: calls not acknowledged by the peer, and every later
+        mutating call, fail with EIO (fencing: the peer may be taking over)."""
+        if self.mode is Mode.STANDALONE or self.mode is Mode.FENCED:
+            return
+        self._end_stream()
+        self.mode = Mode.FENCED
+        self.reason = reason
+        log.error("fenced: %s; mutating calls fail with EIO from now on", reason)
+        self._release_calls()
+
+    def _end_stream(self) -> None:
+        """Journal what is in flight, persist ALONE, and close the stream and any resync."""
+        # A resync's mode on disk is still ALONE, and so is a HELD mount's.
+        switched = self.mode is Mode.MIRROR or self.mode is Mode.CONNECTING
         for change in self._inflight:
             if change.seq > self._acked:
                 self.journal.record(
@@ -292,12 +350,6 @@ class Replicator:
             session_open=False,
             generation=self.state.current.generation + int(switched),
         )
-        for _, _, event in self._ack_waiters:
-            event.set()
-        self._ack_waiters.clear()
-        for event in self._sync_waiters.values():
-            event.set()
-        self._sync_waiters.clear()
         self._outbox.clear()
         self._unacked_since.clear()
         self._sync_started.clear()
@@ -307,6 +359,18 @@ class Replicator:
         self._cancel.cancel()
         if self.resync_scope is not None:
             self.resync_scope.cancel()
+
+    def _release_calls(self) -> None:
+        """Wake every call waiting for the peer; `_unacknowledged` tells each its fate."""
+        for _, _, event in self._ack_waiters:
+            event.set()
+        self._ack_waiters.clear()
+        for event in self._sync_waiters.values():
+            event.set()
+        self._sync_waiters.clear()
+        if self._decided is not None:
+            self._decided.set()
+            self._decided = None
         self.resume_changes()
 
     def _peer_text(self) -> str:
@@ -379,7 +443,7 @@ class Replicator:
                         nursery.start_soon(self._watchdog)
                         nursery.start_soon(self._receiver, sock)
                 except* (OSError, p.ProtocolError) as group:  # trio wraps task errors
-                    self.degrade(f"stream failed: {group.exceptions[0]}")
+                    self.lose(f"stream failed: {group.exceptions[0]}")
         finally:
             sock.close()
             if raw is not None:

@@ -793,7 +793,7 @@ async def rejoin(rep: Replicator, mount: HafsOperations, full: bool = False) -> 
             rep.abort_resync(failure or "interrupted")
         rep.resume_changes()
     if failure and rep.mode is Mode.MIRROR:  # failed after the switch, confirming it
-        rep.degrade(f"resync failed: {failure}")
+        rep.lose(f"resync failed: {failure}")
     _conclude(rep, report, trio.current_time() - started)
     return report
 

@@ -84,16 +84,22 @@ class StateStore:
             return self._write(replace(self.current, **changes))  # type: ignore[arg-type]
 
     def _write(self, new: NodeState) -> NodeState:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(new), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_durably(self.path, asdict(new))
         self.current = new
         return new
+
+
+def write_json_durably(path: Path, data: object) -> None:
+    """Replace `path` with `data` as JSON: written aside, fsynced, renamed, the directory
+    fsynced, so a crash leaves the old content or the new, never a mix."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

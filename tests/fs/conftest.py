@@ -1,4 +1,5 @@
-"""Fixtures shared by the data path's tests: a small tmpfs to fill up, a join pair."""
+"""Fixtures shared by the data path's tests: a small tmpfs to fill up, a replica + mount
+pair, a join pair."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import cluster
-from tests.support.cluster import new_pair
+from tests.support.cluster import Pair, new_pair
 from tests.support.join import Join
 
 
@@ -39,3 +40,11 @@ def join(
     tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
 ) -> Join:
     return new_pair(Join, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
+) -> Pair:
+    """Paths for one replica server and one mount of it (the tests start the processes)."""
+    return new_pair(Pair, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)

@@ -30,7 +30,7 @@ import pytest
 
 from hafs import manifest
 from tests.support import cluster
-from tests.support.cluster import TIMEOUT, Pair, new_pair, wait_until
+from tests.support.cluster import TIMEOUT, Pair, wait_until
 from tests.support.records import RECORD, RecordWriter, check_records, record
 
 MARGIN = 1.5  # scheduling, journal fdatasync and state fsync on top of the timeout
@@ -92,13 +92,6 @@ def tree(root: Path) -> dict[str, bytes | str]:
 
 
 Rig = Pair
-
-
-@pytest.fixture
-def rig(
-    tmp_path: Path, data_tmp: Path, hafs_bin: Path, cluster_key: Path, replica_dir: Path
-) -> Rig:
-    return new_pair(Rig, tmp_path, data_tmp, hafs_bin, cluster_key, replica_dir)
 
 
 @contextlib.contextmanager

@@ -118,22 +118,11 @@ def partition(cuts: list[tuple[str, str]], serving: str, name: str) -> None:
     assert_identical(rig, serving)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="split brain: both nodes reach the ping witness, both go ALONE and hold the VIP; "
-    "when the cut heals, node2's acknowledged commits are dropped (SafeKit's ping witness "
-    "cannot arbitrate this; statemachine.py 'Limits')",
-)
 def test_cut_between_the_nodes_with_the_witness() -> None:
+    # Both reach the witness: the arbitrating witness keeps node1, which renews its lease.
     partition([("node1", "node2")], "node1", "cut node1-node2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="I5 window: the primary's mount stops waiting for the peer after the ack timeout "
-    "(3 s) and acknowledges locally before the witness check (about 2 s more) makes it stop "
-    "MariaDB; those commits are lost when node2 takes over (statemachine.py 'Limits')",
-)
 def test_primary_cut_off_from_the_peer_and_the_witness() -> None:
     # The client still reaches node1: only the witness tells it not to serve.
     partition([("node1", "node2"), ("node1", "witness")], "node2", "node1 isolated")

@@ -42,9 +42,12 @@ MODULE = "mysql"
 MODULE_SRC = REPO / "examples/mysql"
 # The rig installs the module with a 3 s heartbeat timeout (the seed's 30 s suits real
 # servers on a busy LAN: a failover here takes seconds, not half a minute) and the witness
-# namespace as its split-brain witness (docs/rig.md).
+# namespace, running `hafs witness serve`, as its arbitrating witness (docs/rig.md).
 HEART = '<heart pulse="700" timeout="3000">'
-WITNESS_CHECK = f'<check><splitbrain ident="witness" exec="ping" arg="{ADDRS["witness"]}"/></check>'
+WITNESS_CHECK = (
+    f'<check><splitbrain ident="witness" exec="arbitrate" arg="{ADDRS["witness"]}"/></check>'
+)
+WITNESS_DIR = "witness"  # under the rig's directory: its pid file, log and lease holders
 SHARED = Path("/var/lib/mysql")  # the replicated directory, as in the module's userconfig.xml
 RUN_MYSQLD = Path("/run/mysqld")  # MariaDB's socket and pid file: each node its own
 MARIADB_PORT = 3306
@@ -124,10 +127,40 @@ class PersistentRig:
                 os.kill(int(pid), signal.SIGKILL)
 
     def boot(self, name: str) -> None:
-        """Power on: the node's link up again, then its init and daemon."""
+        """Power on: the node's link up again, then its init and daemon (the witness: its
+        `hafs witness serve`)."""
+        if name == "witness":
+            self.start_witness()
+            return
         node = self.node(name)
         node.net.set_link(True)
         node.boot()
+
+    def start_witness(self) -> None:
+        """`hafs witness serve` in hafs-witness, in the background, as a service."""
+        wdir = self.base / WITNESS_DIR
+        wdir.mkdir(exist_ok=True)
+        log = wdir / "witness.log"
+        argv = [*HAFS, "witness", "serve", "--listen", ADDRS["witness"],
+                "--key", str(self.base / "cluster.key"),
+                "--state-file", str(wdir / "leases.json")]  # fmt: skip
+        with log.open("a") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.host("witness").netns, *argv],
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                    start_new_session=True)  # fmt: skip
+        (wdir / "pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + 15
+        while "witness listening" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RigError(f"the witness did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop_witness(self) -> None:
+        """Kill the witness recorded in the rig's directory, if it still runs."""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.base / WITNESS_DIR / "pid").read_text())
+            if "witness" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
 
     def _network_reset(self, name: str) -> None:
         """What a power cut does to a server's network, which the namespace outlives: what
@@ -245,6 +278,8 @@ def up() -> PersistentRig:
         lab.add_node(name, f"{ADDRS.get(name, CLIENT_ADDR)}/24")
     rig = PersistentRig(lab)
     say(f"namespaces {', '.join(PREFIX + n for n in ALL)} on one bridge")
+    rig.start_witness()
+    say(f"arbitrating witness on {ADDRS['witness']} (hafs witness serve)")
     module = rig_module(RIG_DIR / "module")
     for name in NODES:
         node = rig.node(name)
@@ -275,6 +310,7 @@ def down() -> list[str]:
     rig = PersistentRig.current()
     for name in NODES:  # by pid file: an init outlives a namespace someone deleted
         kill_init(RIG_DIR / name)
+    rig.stop_witness()
     problems = rig.lab.close()
     leftovers = list(_mounts_under(RIG_DIR))
     problems += [f"mounted: {m}" for m in leftovers]

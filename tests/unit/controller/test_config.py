@@ -377,6 +377,23 @@ def test_splitbrain_exec_is_ping(tmp_path: Path) -> None:
     assert "expected ping" in problem.message
 
 
+def test_arbitrating_witness_takes_one_address_and_a_port(tmp_path: Path) -> None:
+    check = (
+        '<check><splitbrain ident="w" exec="arbitrate" arg="10.0.0.3" port="5000"/>'
+        "</check>\n</service>"
+    )
+    module = config.load_userconfig(write(tmp_path, variant(SEED_XML, "</service>", check)))
+    assert module.check.splitbrain == SplitBrainCheck(
+        "w", (IPv4Address("10.0.0.3"),), arbitrate=True, port=5000
+    )
+    two = check.replace('arg="10.0.0.3"', 'arg="10.0.0.3 10.0.0.4"')
+    with pytest.raises(ConfigError) as error:
+        config.load_userconfig(write(tmp_path, variant(SEED_XML, "</service>", two)))
+    problem = only_problem(error)
+    assert (problem.line, problem.element, problem.attribute) == (37, "splitbrain", "arg")
+    assert "exactly one witness address" in problem.message
+
+
 # ------------------------------------------------------------------ cluster.xml
 
 

@@ -28,8 +28,8 @@ from controller.heartbeat import (
     Network,
     PeerBeat,
     Rejected,
+    RejectReports,
     ReplayGuard,
-    _RejectReports,
     decode_datagram,
     encode_datagram,
     heartbeat_key,
@@ -662,7 +662,7 @@ def test_junk_rejected_and_the_receiver_goes_on(port: int) -> None:
 
 def test_reject_reports_once_per_interval_per_kind() -> None:
     reported: list[str] = []
-    reports = _RejectReports(reported.append, interval=10.0)
+    reports = RejectReports(reported.append, interval=10.0)
     reports.reject("mac", "mac 1", now=0.0)
     reports.reject("magic", "magic 1", now=0.0)  # another kind: reported at once
     for i in range(2, 60):

@@ -51,6 +51,7 @@ from controller.statemachine import (
     Durable,
     Event,
     Goal,
+    LeaseLost,
     Log,
     Mount,
     MountMode,
@@ -575,13 +576,83 @@ ROWS = [
     ),
     Row(
         "prim-witness-no",
-        "I8 cut off from peer and witness: stop the application",
+        "I8 cut off from peer and witness: fence the mount, stop the application",
         replace(prim_synced, policy=policy(**W), witness=Witness.KEEP, peer=None),
         WitnessResult(False),
         PRIM,
         Phase.STOPPING,
-        (script("stop_prim", PRIM, WAIT, "stopwait"),),
+        (SetMountMode(MountMode.FENCED), script("stop_prim", PRIM, WAIT, "stopwait")),
         "splitbrain_failure",
+    ),
+    Row(
+        "prim-held",
+        "I1/I8 with a witness, a mount that lost its SECOND holds the calls: the PRIM waits",
+        replace(prim_synced, policy=policy(**W)),
+        ReplicationLost("ack timeout"),
+        PRIM,
+        synced,
+        (),
+        "holding writes",
+    ),
+    Row(
+        "prim-held-peer-alive",
+        "I5 held, then a heartbeat: the SECOND is alive, ALONE releases the calls",
+        replace(prim_synced, policy=policy(**W), held=True),
+        PeerSeen(peer(SECOND, copy=MIRROR)),
+        ALONE,
+        synced,
+        (Persist(Durable(SOLE, 4, 4)), SetMountMode(MountMode.ALONE)),
+        "alive",
+    ),
+    Row(
+        "prim-held-witness-yes",
+        "I5 held, peer lost, witness reachable: ALONE releases the calls",
+        replace(prim_synced, policy=policy(**W), held=True, witness=Witness.KEEP, peer=None),
+        WitnessResult(True),
+        ALONE,
+        synced,
+        (Persist(Durable(SOLE, 4, 4)), SetMountMode(MountMode.ALONE)),
+        "witness reachable",
+    ),
+    Row(
+        "prim-held-witness-no",
+        "I8 held, peer and witness unreachable: the held calls fail, the application stops",
+        replace(prim_synced, policy=policy(**W), held=True, witness=Witness.KEEP, peer=None),
+        WitnessResult(False),
+        PRIM,
+        Phase.STOPPING,
+        (SetMountMode(MountMode.FENCED), script("stop_prim", PRIM, WAIT, "stopwait")),
+        "splitbrain_failure",
+    ),
+    Row(
+        "alone-lease-lost",
+        "I8 ALONE without the arbitrating witness's lease: fenced, then it steps down",
+        view(ALONE, copy=SOLE, prim_term=4, pol=policy(**W)),
+        LeaseLost("no answer"),
+        ALONE,
+        Phase.STOPPING,
+        (SetMountMode(MountMode.FENCED), script("stop_prim", ALONE, WAIT, "stopwait")),
+        "witness lease lost",
+    ),
+    Row(
+        "prim-lease-lost",
+        "a PRIM's writes wait for its SECOND: a lost lease changes nothing",
+        replace(prim_synced, policy=policy(**W)),
+        LeaseLost("no answer"),
+        PRIM,
+        synced,
+        (),
+        "nothing to do",
+    ),
+    Row(
+        "prim-held-stop",
+        "I1 an operator's stop while held fences first (stop_prim would hang on the calls)",
+        replace(prim_synced, policy=policy(**W), held=True),
+        Stop(),
+        PRIM,
+        Phase.STOPPING,
+        (SetMountMode(MountMode.FENCED), script("stop_prim", PRIM, STOP, "stop")),
+        "",
     ),
     Row(
         "step-down-done",
@@ -1325,14 +1396,15 @@ class TwoNodes(RuleBasedStateMachine):
             assert isinstance(record, Persist) and record.durable.copy.uptodate, t
             assert record.durable.prim_term == record.durable.term > old.durable.term, t
         # (1') I8 with a witness: a node cut off from its peer goes ALONE only if it reached
-        # the witness (or the operator says so, or the mount already degraded, I5, or the
-        # peer's daemon said goodbye, or the peer's copy is STALE: no second primary then)
+        # the witness (or the operator says so, or the peer's daemon said goodbye, or the
+        # peer's copy is STALE: no second primary then); a mount that lost its SECOND holds
+        # its calls meanwhile (fencing), so ReplicationLost alone never makes it ALONE
         cut_off = not self.link_up or not self.up(self.other(n))
         became_alone = new.state is ALONE and old.state is not ALONE
         peer_may_promote = self.durable(self.other(n)).copy.uptodate
         if new.policy.witness and cut_off and became_alone and peer_may_promote:
             told = event in (WitnessResult(True), PeerLost(announced=True))
-            allowed = told or isinstance(event, Prim | ReplicationLost)
+            allowed = told or isinstance(event, Prim)
             assert allowed, f"[I8] {n} went ALONE cut off, without the witness: {t}"
         if event == WitnessResult(False) and old.witness is not None:
             assert not claims_primary(new), f"[I8] {n} stays primary, witness unreachable: {t}"
@@ -1399,6 +1471,10 @@ class TwoNodes(RuleBasedStateMachine):
     def check_resources(self, n: str) -> None:
         node, v = self.nodes[n], self.nodes[n].view
         expected = {ALONE: MountMode.ALONE, PRIM: MountMode.MIRROR}.get(v.state)
+        if node.mounted is MountMode.FENCED and v.state.primary:
+            # Fenced only on the way out of the primary role, never to serve again.
+            assert v.phase is Phase.STOPPING and v.goal is not Goal.RESTART, "[actions] fenced"
+            expected = MountMode.FENCED
         held = (node.vip, node.mounted, node.replica)
         assert held == (v.state.primary, expected, v.state is SECOND), (
             f"[actions] {n} in {v.state} holds vip/mount/replica {held}"
@@ -1443,7 +1519,8 @@ class TwoNodes(RuleBasedStateMachine):
                     node.mounted = mode
                 case SetMountMode(mode=mode):
                     assert node.mounted is not None, "[actions] SetMountMode unmounted"
-                    node.mounted = mode
+                    if node.mounted is not MountMode.FENCED:  # as hafs.mount: final
+                        node.mounted = mode
                 case Unmount():
                     assert node.mounted is not None, "[actions] Unmount unmounted"
                     node.mounted = None
@@ -1767,8 +1844,10 @@ class TwoNodes(RuleBasedStateMachine):
         node, peer_node = self.nodes[n], self.nodes[self.other(n)]
         if node.view.state is PRIM:
             mirrored = self.link_up and peer_node.running and peer_node.replica
-            if not mirrored:  # the SECOND cannot acknowledge: the mount degrades (I5)
+            if not mirrored or node.view.held:  # the SECOND cannot acknowledge (I5)
                 self.apply(n, ReplicationLost("no acknowledgement"))
+            if node.view.held or node.view.phase is Phase.STOPPING:
+                return  # held until the node decides, or fenced: never acknowledged
         assert node.data is not None
         new = self.new_version(node.data, self.tick())
         if node.view.state is PRIM:
