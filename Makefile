@@ -6,7 +6,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
 
 .PHONY: install install-system install-python test lint unit bench-fs bench-failover clean \
-	demo rig-up rig-down rig-status install-remote start-remote status-remote bench-resync
+	demo rig-up rig-down rig-status install-remote start-remote status-remote bench-resync \
+	bench bench-quick
 
 install: install-system install-python
 
@@ -45,6 +46,14 @@ bench-failover: install
 
 bench-resync: install
 	$(PY) bench/resync.py $(BENCH_ARGS)
+
+# Issue 6: MariaDB on hafs vs local, standalone FUSE and semi-sync replication, on two network
+# namespaces, with failover and data path figures (bench/README.md). bench-quick: < 5 minutes.
+bench: install
+	$(PY) bench/mysql.py $(BENCH_ARGS)
+
+bench-quick: install
+	$(PY) bench/mysql.py --quick $(BENCH_ARGS)
 
 # The main job (tools/demo): rig up, client writes through the VIP, node1 loses power, failover
 # to node2 timed and checked, node1 reintegrates, swap back, summary, rig down (also on failure).
