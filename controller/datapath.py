@@ -61,9 +61,12 @@ class Replicated:
         return self.state_dir / "replica"
 
 
+DATA_CLI = "hafs.cli"  # `hafs fs ...` alone: it starts faster than the whole hafs command
+
+
 def hafs_command(*args: str) -> list[str]:
-    """The hafs CLI of this installation (the venv the daemon runs from)."""
-    return [sys.executable, "-m", "controller.cli", *args]
+    """The data path's CLI of this installation (the venv the daemon runs from)."""
+    return [sys.executable, "-m", DATA_CLI, *args]
 
 
 def _mode(snapshot: dict[str, Any]) -> str:
@@ -97,16 +100,20 @@ def _mb(n: float) -> str:
 class DataProcess:
     """One `hafs fs mount|replica` process."""
 
-    def __init__(self, role: str, argv: list[str], status_sock: Path, logfile: Path) -> None:
+    def __init__(
+        self, role: str, argv: list[str], status_sock: Path, logfile: Path, standby: bool = False
+    ) -> None:
         self.role = role
         self.argv = argv
         self.status_sock = status_sock
         self.logfile = logfile
+        self.standby = standby  # started with --standby: waits for go() on its stdin
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pidfile(self) -> Path:
-        return self.status_sock.with_name("pid")
+        # A standby's is not the mount's: stop_orphan must not take it for a mount left over.
+        return self.status_sock.with_name("standby.pid" if self.standby else "pid")
 
     def start(self) -> None:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -115,13 +122,26 @@ class DataProcess:
         with self.logfile.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if self.standby else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self._write_pidfile()
+
+    def _write_pidfile(self) -> None:
         # For the next daemon, should this one die: it stops what was left (stop_orphan).
+        assert self.proc is not None
         self.pidfile.write_text(f"{self.proc.pid}\n")
+
+    def go(self, mode: str) -> None:
+        """Let a standby mount go on: mount in `mode` (alone or mirror)."""
+        assert self.proc is not None and self.proc.stdin is not None and self.standby
+        self.proc.stdin.write(f"go {mode}\n".encode())
+        self.proc.stdin.close()
+        self.pidfile.unlink(missing_ok=True)
+        self.standby = False
+        self._write_pidfile()
 
     @property
     def alive(self) -> bool:
@@ -170,7 +190,8 @@ class DataProcess:
         try:
             pid = int(self.pidfile.read_text())
             orphan = psutil.Process(pid)
-            mine = "controller.cli" in orphan.cmdline() and self.role in orphan.cmdline()
+            cmdline = orphan.cmdline()
+            mine = self.role in cmdline and any(m in cmdline for m in (DATA_CLI, "controller.cli"))
         except (FileNotFoundError, ValueError, psutil.Error):
             mine = False
         if mine:
@@ -209,6 +230,7 @@ class DataPath:
         self.workers = workers  # threads reading trees and hashing blocks (<rfs nbrei>)
         self.mounts: list[DataProcess] = []
         self.replicas: list[DataProcess] = []
+        self.standby: dict[int, DataProcess] = {}  # directory -> its waiting mount process
 
     # ------------------------------------------------------------------ primary side
 
@@ -226,18 +248,47 @@ class DataPath:
             d.mount_state.mkdir(parents=True, exist_ok=True)
             if is_fuse_mounted(d.dir):  # left by a mount process that died with the node
                 await trio.to_thread.run_sync(force_unmount, d.dir)
-            proc = self._mount_process(i, d, alone)
-            proc.start()
+            proc = self._standing_by(i)
+            if proc is not None:
+                proc.go("alone" if alone else "mirror")
+            else:
+                proc = self._mount_process(i, d, alone)
+                proc.start()
             self.mounts.append(proc)
             await proc.wait_ready(lambda s: _mode(s) in ("MIRROR", "ALONE"))
             if not is_fuse_mounted(d.dir):
                 raise DataPathError(f"mount of {d.dir} reported ready but is not mounted")
 
-    def _mount_process(self, i: int, d: Replicated, alone: bool = True) -> DataProcess:
+    def _mount_process(
+        self, i: int, d: Replicated, alone: bool = True, standby: bool = False
+    ) -> DataProcess:
         sock = d.mount_state / "status.sock"
-        return DataProcess(
-            "mount", self._mount_argv(d, alone), sock, self.log_dir / f"mount{i}.log"
-        )
+        argv = self._mount_argv(d, alone)
+        if standby:
+            argv = [a for a in argv if a != "--alone"] + ["--standby"]
+        return DataProcess("mount", argv, sock, self.log_dir / f"mount{i}.log", standby)
+
+    def _standing_by(self, i: int) -> DataProcess | None:
+        """Directory i's standby mount process, taken from the standby ones, if alive."""
+        proc = self.standby.pop(i, None)
+        return proc if proc is not None and proc.alive else None
+
+    async def start_standby(self) -> None:
+        """A mount process per directory, started and waiting (`--standby`): the next
+        mount, a failover's, need not wait for Python to start and import hafs (about a
+        second). It exits by itself when this daemon dies."""
+        if len(self.standby) == len(self.dirs) and all(p.alive for p in self.standby.values()):
+            return
+        await self.stop_standby()
+        for i, d in enumerate(self.dirs):
+            d.mount_state.mkdir(parents=True, exist_ok=True)
+            self.standby[i] = self._mount_process(i, d, standby=True)
+            self.standby[i].start()
+
+    async def stop_standby(self) -> None:
+        for proc in self.standby.values():
+            await proc.stop()
+        self.standby = {}
 
     def _mount_argv(self, d: Replicated, alone: bool) -> list[str]:
         argv = hafs_command(
@@ -374,6 +425,7 @@ class DataPath:
             proc.start()
             self.replicas.append(proc)
             await proc.wait_ready(lambda s: True)
+        await self.start_standby()
 
     def _replica_process(self, i: int, d: Replicated) -> DataProcess:
         argv = hafs_command(
@@ -417,3 +469,4 @@ class DataPath:
     async def stop_all(self) -> None:
         await self.unmount()
         await self.stop_replicas()
+        await self.stop_standby()

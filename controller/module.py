@@ -31,13 +31,15 @@ from controller.datapath import DataPath, DataPathError, Replicated
 from controller.heartbeat import Heartbeats, Network, PeerBeat
 from controller.modulelog import ModuleLog
 from controller.paths import Layout
-from controller.vip import VipError, VirtualIp, virtual_ips
+from controller.vip import VipError, VirtualIp, import_scapy, virtual_ips
 from hafs.state import write_json_durably
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEART_PORT = 4800
 REPLICATION_PORT_OFFSET = 100  # directory i replicates on heart port + 100 + i
+LEASE_SHARE = 0.8  # the witness's lease, as a share of <heart timeout>
+RENEW_EVERY = 1 / 8  # of the lease: the renewal's period and its answer's timeout
 WATCH_INTERVAL = 0.5  # how often the data path's own state is polled
 PROGRESS_INTERVAL = 5.0  # how often a running resync's progress is logged
 # After one of these failed, the rest of its transition (taking the VIP, starting the
@@ -267,6 +269,8 @@ class Module:
                 nursery.start_soon(self._run_checker, checker)
             if self.arbiter is not None:
                 nursery.start_soon(self._keep_lease, self.arbiter)
+            if self.vips:  # half a second a failover's TakeVip would otherwise wait
+                nursery.start_soon(trio.to_thread.run_sync, import_scapy)
             if self._left_serving():
                 self._clean_up_after_crash()
             elif self._boot_starts():
@@ -554,9 +558,9 @@ class Module:
         """Ask the arbitrating witness for the primary role, for up to one lease and a
         second: a peer that is gone (or cut off from the witness) has lost its lease by
         then."""
-        lease = self.config.heart.timeout
+        lease = self._lease_length()
         deadline = trio.current_time() + lease + 1.0
-        answer = await arbiter.claim_until(lease, deadline)
+        answer = await arbiter.claim_until(lease, deadline, retry=lease * RENEW_EVERY)
         if answer is None:
             return False, "unreachable"
         if not answer.granted:
@@ -564,11 +568,18 @@ class Module:
         self._lease_until = answer.sent + answer.lease
         return True, "granted the primary role"
 
+    def _lease_length(self) -> float:
+        """Shorter than the heart timeout: a dead primary's lease has run out on the witness
+        by the time its peer notices and claims it."""
+        return self.config.heart.timeout * LEASE_SHARE
+
     async def _keep_lease(self, arbiter: WitnessClient) -> None:
-        """While serving, renew the witness's lease every quarter lease; release it after."""
-        lease = self.config.heart.timeout
+        """While serving, renew the witness's lease every eighth of it; release it after."""
+        lease = self._lease_length()
+        tick = lease * RENEW_EVERY
         serving, reported = False, False
         while True:
+            next_tick = trio.current_time() + tick
             v = self.view
             if v.state.primary and not v.leaving:
                 if not serving:
@@ -577,7 +588,7 @@ class Module:
                     if self._lease_until < now:  # not granted: the peer was not serving
                         # (it stopped, or lost an election); its leftover lease may run.
                         self._lease_until = now + 2 * lease
-                answer = await arbiter.claim(lease, timeout=lease / 4)
+                answer = await arbiter.claim(lease, timeout=tick)
                 if answer is not None and answer.granted:
                     self._lease_until = answer.sent + answer.lease
                 elif not reported and self._lease_lapsing(lease):
@@ -586,14 +597,14 @@ class Module:
                     self.post(sm.LeaseLost(why))
             elif serving:
                 serving = False
-                await arbiter.claim(lease, timeout=lease / 4, release=True)
-            await trio.sleep(lease / 4)
+                await arbiter.claim(lease, timeout=tick, release=True)
+            await trio.sleep_until(next_tick)
 
     def _lease_lapsing(self, lease: float) -> bool:
         """ALONE acknowledges on its own word: without a lease it must stop before the
         witness can have given the role away, a quarter lease before our last claim's
-        lease ends (LeaseLost: fenced, then stepping down). A PRIM's writes wait for its
-        SECOND: it goes on."""
+        lease ends, after about six renewals failed in a row (LeaseLost: fenced, then
+        stepping down). A PRIM's writes wait for its SECOND: it goes on."""
         ending = trio.current_time() > self._lease_until - lease / 4
         return ending and self.view.state is sm.State.ALONE
 

@@ -163,7 +163,7 @@ class VirtualIp:
             with scope:
                 # The first send would import scapy (half a second) and the pairs due
                 # meanwhile would then leave at once: import first, then start the clock.
-                await trio.to_thread.run_sync(_import_scapy)
+                await trio.to_thread.run_sync(import_scapy)
                 start = trio.current_time()
                 for n, offset in enumerate(self.garp.offsets()):
                     await trio.sleep_until(start + offset)
@@ -202,7 +202,7 @@ def send_garp(ifname: str, addr: str) -> None:
     mac = _read_sys(ifname, "address")
     if mac is None:
         raise VipError(f"gratuitous ARP for {addr}: no interface {ifname}")
-    ARP, Ether, sendp = _import_scapy()
+    ARP, Ether, sendp = import_scapy()
 
     frame = Ether(src=mac, dst=BROADCAST_MAC)
     request = frame / ARP(op=1, hwsrc=mac, psrc=addr, hwdst=BROADCAST_MAC, pdst=addr)
@@ -215,8 +215,9 @@ def send_garp(ifname: str, addr: str) -> None:
         raise VipError(f"gratuitous ARP for {addr} on {ifname}: {e}") from e
 
 
-def _import_scapy() -> tuple[Any, Any, Any]:
+def import_scapy() -> tuple[Any, Any, Any]:
     # Imported on first use: scapy takes half a second to import, which the CLI must not pay.
+    # The daemon imports it at start (Module.run), so that a failover does not.
     from scapy.layers.l2 import ARP, Ether
     from scapy.sendrecv import sendp
 

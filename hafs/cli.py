@@ -164,11 +164,18 @@ def fs_mount(
             "EIO) instead of going ALONE after --timeout: the daemon's fencing"
         ),
     ] = False,
+    standby: Annotated[
+        bool,
+        typer.Option(
+            help="start, then wait for a line `go alone` or `go mirror` on stdin before "
+            "mounting (exit at end of input): a failover then does not wait for Python"
+        ),
+    ] = False,
     state_dir: StateOpt = None,
     verbose: bool = False,
 ) -> None:
     """Mount hafs over DIR (foreground); SIGTERM/SIGINT drain the stream and unmount."""
-    from hafs.mount import MountConfig, run_mount
+    from hafs.mount import MountConfig, run_mount, wait_for_go
 
     _setup_logging(verbose)
     data_dir = _directory(dir)
@@ -195,6 +202,11 @@ def fs_mount(
     )
     if live_passes is not None:
         cfg = dataclasses.replace(cfg, live_passes=live_passes)
+    if standby:
+        go = wait_for_go(cfg)
+        if go is None:
+            return
+        cfg = go
     try:
         run_mount(cfg)
     except (OSError, RuntimeError) as e:

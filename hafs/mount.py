@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -40,9 +41,8 @@ class MountConfig:
     live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
     maxrate: int = 0  # bytes/s a rejoin's live passes send at most; 0: no cap
     workers: int = WORKERS  # threads reading the tree in a rejoin (<rfs nbrei>)
-    fence: bool = (
-        False  # a failed stream holds the calls until `alone` or `fence` (hafs.replicator)
-    )
+    fence: bool = False  # a lost stream holds calls until `alone`/`fence` (hafs.replicator)
+    standby: bool = False  # start, then wait for `go alone|mirror` on stdin (wait_for_go)
 
 
 def _prepare_process() -> None:
@@ -54,6 +54,18 @@ def _prepare_process() -> None:
     # A thread back from fdatasync waits for the GIL up to the switch interval (5 ms by
     # default) while the loop thread runs Python: that wait was most of an fsync's latency.
     sys.setswitchinterval(float(os.environ.get("HAFS_SWITCH_INTERVAL", "0.0005")))
+
+
+def wait_for_go(cfg: MountConfig) -> MountConfig | None:
+    """A standby mount (a SECOND's, ready for a failover with Python started and hafs
+    imported) waits for one line: `go alone` or `go mirror`; end of input (its daemon
+    stopped it, or died): None, exit without mounting."""
+    line = sys.stdin.readline().split()
+    if line[:1] != ["go"] or line[1:] not in (["alone"], ["mirror"]):
+        if line:
+            log.error("standby: expected `go alone` or `go mirror`, got %r", " ".join(line))
+        return None
+    return dataclasses.replace(cfg, alone=line[1] == "alone", standby=False)
 
 
 def run_mount(cfg: MountConfig) -> None:

@@ -228,7 +228,7 @@ def recording_vip(sent: list[float], fail_at: Collection[int] = ()) -> VirtualIp
 @pytest.fixture
 def no_scapy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sends are faked: spare the tests scapy's import."""
-    monkeypatch.setattr(vip_module, "_import_scapy", lambda: (None, None, None))
+    monkeypatch.setattr(vip_module, "import_scapy", lambda: (None, None, None))
 
 
 @pytest.mark.usefixtures("no_scapy")
