@@ -51,6 +51,12 @@ STRIPPED_FLAGS = (
     | os.O_DIRECTORY
 )  # we open via /proc links
 CACHE_TIMEOUT = 1.0  # we are the only writer of the backing tree
+# An fsync of a file with at most this much written since its last sync runs on the loop
+# thread: handing it to a worker thread and back cost more than the sync itself (a redo
+# log's commit: a few KiB). Larger ones (a checkpoint's data file) go to a thread, so the
+# loop keeps serving while the disk writes them back. HAFS_INLINE_SYNC_BYTES=-1 sends every
+# sync to a thread (the replica reads it too), as before: the switch this was measured with.
+INLINE_SYNC_BYTES = int(os.environ.get("HAFS_INLINE_SYNC_BYTES", 256 << 10))
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -109,6 +115,7 @@ class HafsOperations(pyfuse3.Operations):
         self.dirs: dict[int, tuple[int, int, list[bytes]]] = {}  # fh -> (fd, ino, names)
         self._next_fh = 1
         self.sync_limiter = trio.CapacityLimiter(4)
+        self._unsynced: dict[int, int] = {}  # ino -> bytes written since its last sync began
         self.requests: Counter[str] = Counter()  # per FUSE request type, for the status
 
     # -- node table ----------------------------------------------------------------------
@@ -212,6 +219,7 @@ class HafsOperations(pyfuse3.Operations):
             node.lookups -= count
             if node.lookups <= 0:
                 del self.nodes[ino]
+                self._unsynced.pop(ino, None)
                 os.close(node.fd)
                 self.rep.send(OpFrame(Op.FORGET, (ino,)))
 
@@ -535,6 +543,7 @@ class HafsOperations(pyfuse3.Operations):
             # application's, but the replica must get the new times.
             await self.rep.applied(self.rep.send(OpFrame(Op.TIMES, times=(self._times(h.ino),))))
             raise
+        self._unsynced[h.ino] = self._unsynced.get(h.ino, 0) + written
         if self.rep.mirroring:
             data = buf if written == len(buf) else buf[:written]
             frame = OpFrame(Op.WRITE, (h.ino, off), (data,), (self._times(h.ino),))
@@ -561,7 +570,10 @@ class HafsOperations(pyfuse3.Operations):
         # syncs overlap; the call returns when both are durable (I1).
         seq = self.rep.send(OpFrame(Op.FSYNC, (ino, int(datasync))))
         sync = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(sync, fd, limiter=self.sync_limiter)
+        if self._unsynced.pop(ino, 0) <= INLINE_SYNC_BYTES:
+            sync(fd)
+        else:
+            await trio.to_thread.run_sync(sync, fd, limiter=self.sync_limiter)
         await self.rep.synced(seq)
 
     # -- directories and xattrs ----------------------------------------------------------

@@ -612,6 +612,27 @@ def test_fsync_fdatasync_and_directory_fsync(mirror: Any) -> None:
     assert_replicated(mirror)
 
 
+def test_fsync_after_large_and_small_writes(mirror: Any) -> None:
+    """A sync after much writing runs on a worker thread, one after little on the event
+    loop (and on the replica's stream thread): both leave the data on both nodes."""
+    path = mirror.mountpoint / "big"
+    big = os.urandom(1 << 20)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, big)
+        os.fdatasync(fd)
+        os.pwrite(fd, b"small", 10)
+        os.fdatasync(fd)
+        os.pwrite(fd, b"full", 20)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    expected = big[:10] + b"small" + big[15:20] + b"full" + big[24:]
+    assert read(path) == expected
+    assert read(mirror.replica_dir / "big") == expected
+    assert_replicated(mirror)
+
+
 def test_file_kept_open_after_unlink(mirror: Any) -> None:
     root = mirror.mountpoint
     path = root / "tmpfile"
