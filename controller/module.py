@@ -31,7 +31,17 @@ from controller.datapath import DataPath, DataPathError, Replicated
 from controller.heartbeat import Heartbeats, Network, PeerBeat
 from controller.modulelog import ModuleLog
 from controller.paths import Layout
-from controller.vip import VipError, VirtualIp, import_scapy, virtual_ips
+from controller.vip import (
+    MAX_TICKLED,
+    Connection,
+    VipError,
+    VirtualIp,
+    client_connections,
+    connections_from_wire,
+    import_scapy,
+    send_tickles,
+    virtual_ips,
+)
 from hafs.state import write_json_durably
 
 log = logging.getLogger(__name__)
@@ -169,6 +179,8 @@ class Module:
         self.vips = virtual_ips(config.vip) if config.vip is not None else []
         self.checkers = _checkers(config, self.vips)
         self.arbiter = self._arbiter(key)
+        self._clients: list[Connection] = []  # ours, while primary: in our heartbeats
+        self.peer_clients: list[Connection] = []  # the peer's, while it was primary
         self._lease_until = 0.0  # trio clock: when the witness may give our lease away
 
     def _arbiter(self, key: bytes) -> WitnessClient | None:
@@ -251,6 +263,7 @@ class Module:
             self.modlog.warning(f"heartbeat names {info.name}, expected {self.peer}: ignored")
             return
         self._last_beat = time.monotonic()
+        self._note_peer_clients(info, beat.payload.get("clients", []))
         self.post(sm.PeerSeen(info))
         if beat.goodbye:
             self.post(sm.PeerLost(announced=True))
@@ -271,6 +284,7 @@ class Module:
                 nursery.start_soon(self._keep_lease, self.arbiter)
             if self.vips:  # half a second a failover's TakeVip would otherwise wait
                 nursery.start_soon(trio.to_thread.run_sync, import_scapy)
+                nursery.start_soon(self._list_clients)
             if self._left_serving():
                 self._clean_up_after_crash()
             elif self._boot_starts():
@@ -376,7 +390,44 @@ class Module:
             self._save(serving=False)
 
     def _announce(self) -> None:
-        self.heartbeats.announce(peer_info_to_wire(self.view.announce()))
+        payload = peer_info_to_wire(self.view.announce())
+        if self.view.state.primary and self._clients:
+            payload["clients"] = [list(c) for c in self._clients]
+        self.heartbeats.announce(payload)
+
+    def _note_peer_clients(self, info: sm.PeerInfo, clients: object) -> None:
+        """Keep the client connections of a peer that serves, for tickle ACKs should this
+        node take its VIP over (controller/vip.py)."""
+        if not info.state.primary:
+            return
+        try:
+            self.peer_clients = connections_from_wire(clients)
+        except ValueError as e:
+            self.modlog.warning(f"heartbeat from {info.name}: bad client list ignored: {e}")
+
+    async def _list_clients(self) -> None:
+        """While primary, the clients connected to the VIPs, in the heartbeats."""
+        while True:
+            await trio.sleep(self.config.heart.pulse)
+            found: list[Connection] = []
+            if self.view.state.primary:
+                for vip in self.vips:
+                    found += await trio.to_thread.run_sync(client_connections, vip.addr)
+            if found != self._clients:
+                self._clients = found[:MAX_TICKLED]
+                self._announce()
+
+    async def _tickle_clients(self) -> None:
+        """After taking the VIP over: reset the peer's clients' connections at once."""
+        clients, self.peer_clients = self.peer_clients, []
+        if not clients:
+            return
+        try:
+            await trio.to_thread.run_sync(send_tickles, clients)
+        except VipError as e:  # the clients find out at their next retransmission
+            self._log("W", str(e))
+            return
+        self._log("I", f"tickle ACKs sent to {len(clients)} client connections of {self.peer}")
 
     # ------------------------------------------------------------------ actions out
 
@@ -419,6 +470,7 @@ class Module:
                 for vip in self.vips:
                     await vip.take()
                     await nursery.start(vip.announce)
+                await self._tickle_clients()
             case sm.ReleaseVip():
                 errors = []
                 for vip in self.vips:  # every one, even when one fails

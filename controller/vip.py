@@ -20,6 +20,14 @@ frames. IPv6 addresses are set and removed the same way, but not announced yet.
 
 `where="one_side"` (the VIP as the interface's primary address) is not implemented: the
 address is set as an alias either way.
+
+Tickle ACKs (CTDB's trick): a client whose connection to the VIP was on the dead primary
+learns of it only at its next TCP retransmission, which backs off (0.2, 0.4, 0.8, 1.6, 3.2
+s ...): seconds after the new primary serves. The primary lists its clients' connections
+(`client_connections`, carried in its heartbeats); the node taking the VIP over sends each a
+bogus ACK from the VIP (`send_tickles`). The client answers with an ACK for a connection
+this node does not have, its kernel answers that with a RST, and the client reconnects at
+once.
 """
 
 from __future__ import annotations
@@ -213,6 +221,58 @@ def send_garp(ifname: str, addr: str) -> None:
         sendp([request, reply], iface=ifname, verbose=False)
     except OSError as e:
         raise VipError(f"gratuitous ARP for {addr} on {ifname}: {e}") from e
+
+
+Connection = tuple[str, str, int, int]  # (VIP, client address, client port, port on the VIP)
+MAX_TICKLED = 64  # connections a heartbeat carries at most: the newest keep the rest waiting
+
+
+def client_connections(addr: IPAddress) -> list[Connection]:
+    """The established TCP connections of clients to `addr` on this node (its namespace)."""
+    found = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.raddr and c.laddr.ip == str(addr):
+            found.append((str(addr), str(c.raddr.ip), int(c.raddr.port), int(c.laddr.port)))
+    return sorted(found)[:MAX_TICKLED]
+
+
+def send_tickles(connections: list[Connection]) -> None:
+    """One bogus ACK from the VIP to each client connection (blocking): see the module doc."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.sendrecv import send
+
+    packets = [IP(src=vip, dst=client) / TCP(sport=port, dport=client_port, flags="A")
+               for vip, client, client_port, port in connections]  # fmt: skip
+    if packets:
+        try:
+            send(packets, verbose=False)
+        except OSError as e:
+            raise VipError(f"tickle ACKs: {e}") from e
+
+
+def connections_from_wire(data: object) -> list[Connection]:
+    """The `clients` of a heartbeat; ValueError when it is not a list of connections."""
+    if not isinstance(data, list) or len(data) > MAX_TICKLED:
+        raise ValueError(f"not a list of at most {MAX_TICKLED} connections")
+    found = []
+    for item in data:
+        if not (isinstance(item, list) and len(item) == 4):
+            raise ValueError(f"not a connection: {item!r}")
+        vip, client, client_port, port = item
+        addresses_ok = all(isinstance(a, str) and _is_ip(a) for a in (vip, client))
+        ports_ok = all(type(n) is int and 0 < n < 65536 for n in (client_port, port))
+        if not (addresses_ok and ports_ok):
+            raise ValueError(f"not a connection: {item!r}")
+        found.append((vip, client, client_port, port))
+    return found
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def import_scapy() -> tuple[Any, Any, Any]:

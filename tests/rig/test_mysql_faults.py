@@ -77,6 +77,8 @@ def power_loss_and_return(victim: str, survivor: str, name: str) -> None:
     report(name, failover_s=f"{failover:.1f}", acked=len(ledger.acked))
     assert_served_by(rig, ledger, survivor)
     assert_identical(rig, survivor)
+    if victim == "node1":  # the client's connection was on the dead primary: reset at once
+        assert "tickle ACKs sent to" in rig.node(survivor).module_log()
 
 
 def test_primary_power_loss() -> None:

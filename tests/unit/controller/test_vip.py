@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import select
+import socket
 import subprocess
 import sys
 from collections.abc import Collection
@@ -280,3 +281,41 @@ def test_announce_failures() -> None:
             await nursery.start(quiet.announce)  # arpreroute off: returns at once, sends none
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------- tickle ACKs
+
+
+def test_client_connections_lists_the_established_connections_to_the_address() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                found = vip_module.client_connections(ipaddress.ip_address("127.0.0.1"))
+                mine = ("127.0.0.1", "127.0.0.1", client.getsockname()[1], port)
+                assert mine in found
+                assert all(c[0] == "127.0.0.1" for c in found)
+    assert not vip_module.client_connections(ipaddress.ip_address("192.0.2.1"))
+
+
+@pytest.mark.parametrize(
+    "clients",
+    [
+        "10.0.0.1",
+        [["10.0.0.100", "10.0.0.10", 40000]],
+        [["10.0.0.100", "not-an-ip", 40000, 3306]],
+        [["10.0.0.100", "10.0.0.10", 0, 3306]],
+        [["10.0.0.100", "10.0.0.10", True, 3306]],
+        [[167772260, "10.0.0.10", 40000, 3306]],
+        [["10.0.0.100", "10.0.0.10", 40000, 3306]] * (vip_module.MAX_TICKLED + 1),
+    ],
+)
+def test_a_heartbeat_client_list_that_is_not_one_is_refused(clients: object) -> None:
+    with pytest.raises(ValueError):
+        vip_module.connections_from_wire(clients)
+
+
+def test_a_heartbeat_client_list_round_trips() -> None:
+    wire = [["10.0.0.100", "10.0.0.10", 40000, 3306]]
+    assert vip_module.connections_from_wire(wire) == [("10.0.0.100", "10.0.0.10", 40000, 3306)]
