@@ -56,6 +56,34 @@ def one_failover(timeout_ms: int, pulse_ms: int) -> tuple[float, float]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def mysql_failovers(repeats: int, timeout: float = 90.0) -> list[float]:
+    """On the MySQL rig (tools/rig, `<heart timeout="3000">`, the arbitrating witness): a
+    client commits through the VIP from hafs-client; the primary loses power; the seconds
+    from the cut to the client's first commit acknowledged after it (what a client sees:
+    detection, witness, mount, VIP, MariaDB's recovery, its reconnection). The node boots
+    and rejoins; the next repeat cuts the other one, the primary then."""
+    from tools.riglib import rig as riglib
+    from tools.riglib.client import Ledger, power_cut, start_writer
+
+    rig = riglib.up()
+    seconds: list[float] = []
+    try:
+        prim, second = "node1", "node2"
+        for _ in range(repeats):
+            writer = start_writer(rig, Ledger())
+            try:
+                killed, first = power_cut(rig, writer, prim, timeout)
+                seconds.append(first - killed)
+                rig.boot(prim)
+                rig.settled(second, prim)
+            finally:
+                writer.stop()
+            prim, second = second, prim
+    finally:
+        riglib.down()
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)

@@ -19,22 +19,23 @@ import time
 import pytest
 
 from tests.rig.test_mysql_rig import mysql_rig  # noqa: F401  the fixture: up, then down
-from tools.riglib.client import Ledger, Writer, check_table, start_writer, vip_answerers
+from tools.riglib.client import (
+    Ledger,
+    Writer,
+    check_table,
+    power_cut,
+    start_writer,
+    vip_answerers,
+)
 from tools.riglib.rig import MODULE, NODES, PersistentRig
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.usefixtures("mysql_rig")]
 
 FAILOVER_TIMEOUT = 90.0
-REJOIN_TIMEOUT = 240.0
 
 
 def report(test: str, **facts: object) -> None:
     print(f"\n[{test}] " + ", ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
-
-
-def settled(rig: PersistentRig, prim: str, second: str, timeout: float = REJOIN_TIMEOUT) -> None:
-    rig.node(second).wait_state("SECOND", colour="green", timeout=timeout)
-    rig.node(prim).wait_state("PRIM", colour="green", timeout=60)
 
 
 def assert_served_by(rig: PersistentRig, ledger: Ledger, node: str) -> None:
@@ -49,13 +50,10 @@ def assert_identical(rig: PersistentRig, prim: str) -> None:
     assert "identical" in verify.stdout, verify.stdout
 
 
-def power_cut(rig: PersistentRig, writer: Writer, node: str) -> float:
-    """Kill `node` under load; the seconds from the cut to the first commit acknowledged
-    once the node is dead, and then the longest pause of the client's commits around it."""
-    writer.wait_acks(100, 60)
-    killed = time.monotonic()
-    rig.kill(node)
-    first = writer.first_ack_after(time.monotonic(), FAILOVER_TIMEOUT)
+def power_cut_pause(rig: PersistentRig, writer: Writer, node: str) -> float:
+    """Kill `node` under load: the seconds from the cut to the first commit acknowledged
+    once the node is dead, or the longest pause of the client's commits around it."""
+    killed, first = power_cut(rig, writer, node, FAILOVER_TIMEOUT)
     writer.wait_acks(20, 60)
     return max(first - killed, writer.longest_gap(killed))
 
@@ -66,11 +64,11 @@ def power_loss_and_return(victim: str, survivor: str, name: str) -> None:
     rig, ledger = PersistentRig.current(), Ledger()
     writer = start_writer(rig, ledger)
     try:
-        failover = power_cut(rig, writer, victim)
+        failover = power_cut_pause(rig, writer, victim)
         rig.node(survivor).wait_state("ALONE", colour="green", timeout=FAILOVER_TIMEOUT)
         writer.wait_acks(50, 60)
         rig.boot(victim)
-        settled(rig, survivor, victim)
+        rig.settled(survivor, victim)
         writer.wait_acks(50, 60)
     finally:
         writer.stop()
@@ -108,7 +106,7 @@ def partition(cuts: list[tuple[str, str]], serving: str, name: str) -> None:
         writer.wait_acks(50, 60)
         failover = writer.longest_gap(cut)
         rig.heal()
-        settled(rig, serving, other)
+        rig.settled(serving, other)
         writer.wait_acks(50, 60)
     finally:
         writer.stop()
@@ -140,7 +138,7 @@ def test_packet_loss_on_the_primary() -> None:
         time.sleep(20)
         rig.lab.loss(rig.host("node1"), 0)
         lossy = writer.acks_after(start)
-        settled(rig, "node1", "node2")
+        rig.settled("node1", "node2")
         writer.wait_acks(50, 60)
         stall = writer.longest_gap(start)
     finally:
@@ -156,7 +154,7 @@ def test_power_loss_during_reintegration_under_a_rate_limit() -> None:
     node1 = rig.node("node1")
     writer = start_writer(rig, ledger)
     try:
-        failover = power_cut(rig, writer, "node1")
+        failover = power_cut_pause(rig, writer, "node1")
         writer.wait_acks(200, 60)  # changes node1 misses: the reintegration has work to do
         rig.lab.rate(rig.host("node1"), "1mbit")
         rig.boot("node1")
@@ -167,7 +165,7 @@ def test_power_loss_during_reintegration_under_a_rate_limit() -> None:
         writer.wait_acks(50, 60)
         rig.lab.rate(rig.host("node1"), None)
         rig.boot("node1")
-        settled(rig, "node2", "node1")
+        rig.settled("node2", "node1")
         writer.wait_acks(50, 60)
     finally:
         writer.stop()

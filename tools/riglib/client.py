@@ -289,6 +289,15 @@ class WriterError(AssertionError):
 # ---------------------------------------------------------------------- on the rig
 
 
+def power_cut(rig: PersistentRig, writer: Writer, node: str, timeout: float) -> tuple[float, float]:
+    """Kill `node` under load: when (monotonic) it was cut, and when the first commit was
+    acknowledged once it was dead; the difference is the failover a client sees."""
+    writer.wait_acks(100, 60)
+    killed = time.monotonic()
+    rig.kill(node)
+    return killed, writer.first_ack_after(time.monotonic(), timeout)
+
+
 def start_writer(rig: PersistentRig, ledger: Ledger, interval: float = 0.01) -> Writer:
     """Create the table if needed and start writing through the VIP."""
     _sql(rig, CREATE_TABLE)

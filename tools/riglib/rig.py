@@ -136,6 +136,11 @@ class PersistentRig:
         node.net.set_link(True)
         node.boot()
 
+    def settled(self, prim: str, second: str, timeout: float = JOIN_TIMEOUT) -> None:
+        """Until `second` is a synchronised SECOND (green) and `prim` PRIM (green)."""
+        self.node(second).wait_state("SECOND", colour="green", timeout=timeout)
+        self.node(prim).wait_state("PRIM", colour="green", timeout=60)
+
     def start_witness(self) -> None:
         """`hafs witness serve` in hafs-witness, in the background, as a service."""
         wdir = self.base / WITNESS_DIR
