@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 WITNESS_PORT = 4950
 KEY_LABEL = b"hafs witness v1"
 WITNESS = "witness"  # the witness's name in datagrams, and their network name
-MAX_LEASE = 30.0  # the longest lease granted; a restarted witness waits this long
+MAX_LEASE = 30.0  # the longest lease granted
 MIN_LEASE = 0.5
 REJECT_REPORT_INTERVAL = 10.0
 
@@ -155,10 +155,17 @@ class WitnessServer:
             log.info("witness listening on %s:%s", *sock.getsockname()[:2])
             task_status.started()
             while True:
-                data, source = await sock.recvfrom(MAX_DATAGRAM + 1)
+                try:
+                    data, source = await sock.recvfrom(MAX_DATAGRAM + 1)
+                except OSError as e:  # ICMP errors surface here on UDP: not fatal
+                    log.debug("witness: receive error: %s", e)
+                    continue
                 reply = self.answer(data, source, trio.current_time())
                 if reply is not None:
-                    await sock.sendto(reply, source)
+                    try:
+                        await sock.sendto(reply, source)
+                    except OSError as e:  # a network flap: the node claims again
+                        log.warning("witness: answer to %s not sent: %s", source, e)
 
     def answer(self, data: bytes, source: object, now: float) -> bytes | None:
         """The reply to one datagram, or None (rejected, and logged)."""
@@ -178,7 +185,12 @@ class WitnessServer:
         if not answer.granted and not release:
             log.info("%s: %s refused, %s holds the lease", claim.module, claim.sender,
                      answer.holder)  # fmt: skip
-        self._save()
+        try:
+            self._save()
+        except OSError as e:  # no answer: a grant the witness might forget is no grant
+            log.error("witness: %s not saved (%s): claim of %s unanswered",
+                      self._state_file, e, claim.sender)  # fmt: skip
+            return None
         payload = {"nonce": nonce, **_answer_payload(answer)}
         return self._sealer.seal(claim.module, WITNESS, claim.sender, payload)
 

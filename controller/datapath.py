@@ -134,14 +134,20 @@ class DataProcess:
         assert self.proc is not None
         self.pidfile.write_text(f"{self.proc.pid}\n")
 
-    def go(self, mode: str) -> None:
-        """Let a standby mount go on: mount in `mode` (alone or mirror)."""
+    def go(self, mode: str) -> bool:
+        """Let a standby mount go on: mount in `mode` (alone or mirror). False if it died
+        meanwhile (the caller starts a fresh one)."""
         assert self.proc is not None and self.proc.stdin is not None and self.standby
-        self.proc.stdin.write(f"go {mode}\n".encode())
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write(f"go {mode}\n".encode())
+            self.proc.stdin.close()
+        except OSError:  # BrokenPipeError: it is gone
+            self.pidfile.unlink(missing_ok=True)
+            return False
         self.pidfile.unlink(missing_ok=True)
         self.standby = False
         self._write_pidfile()
+        return True
 
     @property
     def alive(self) -> bool:
@@ -249,15 +255,18 @@ class DataPath:
             if is_fuse_mounted(d.dir):  # left by a mount process that died with the node
                 await trio.to_thread.run_sync(force_unmount, d.dir)
             proc = self._standing_by(i)
-            if proc is not None:
-                proc.go("alone" if alone else "mirror")
-            else:
+            if proc is None or not proc.go("alone" if alone else "mirror"):
                 proc = self._mount_process(i, d, alone)
                 proc.start()
             self.mounts.append(proc)
-            await proc.wait_ready(lambda s: _mode(s) in ("MIRROR", "ALONE"))
+            snap = await proc.wait_ready(lambda s: _mode(s) in ("MIRROR", "ALONE"))
             if not is_fuse_mounted(d.dir):
                 raise DataPathError(f"mount of {d.dir} reported ready but is not mounted")
+            if not alone and _mode(snap) != "MIRROR":
+                # A swap's mount that cannot reach the peer's replica must not serve: the
+                # peer counts itself synchronised and would take over without its changes.
+                why = snap.get("reason") or "not mirroring"
+                raise DataPathError(f"mount of {d.dir} could not reach the peer's replica: {why}")
 
     def _mount_process(
         self, i: int, d: Replicated, alone: bool = True, standby: bool = False

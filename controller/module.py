@@ -182,6 +182,8 @@ class Module:
         self._clients: list[Connection] = []  # ours, while primary: in our heartbeats
         self.peer_clients: list[Connection] = []  # the peer's, while it was primary
         self._lease_until = 0.0  # trio clock: when the witness may give our lease away
+        self._lease_trouble = ""  # why the last renewal failed ("" once one succeeded)
+        self._lease_lost_posted = False  # LeaseLost posted in this ALONE period
 
     def _arbiter(self, key: bytes) -> WitnessClient | None:
         sb = self.config.check.splitbrain
@@ -410,9 +412,13 @@ class Module:
         while True:
             await trio.sleep(self.config.heart.pulse)
             found: list[Connection] = []
-            if self.view.state.primary:
-                for vip in self.vips:
-                    found += await trio.to_thread.run_sync(client_connections, vip.addr)
+            try:
+                if self.view.state.primary:
+                    for vip in self.vips:
+                        found += await trio.to_thread.run_sync(client_connections, vip.addr)
+            except Exception:  # psutil: an optimisation must never stop the daemon
+                log.exception("%s: listing the clients of the VIP", self.name)
+                continue
             if found != self._clients:
                 self._clients = found[:MAX_TICKLED]
                 self._announce()
@@ -627,38 +633,58 @@ class Module:
 
     async def _keep_lease(self, arbiter: WitnessClient) -> None:
         """While serving, renew the witness's lease every eighth of it; release it after."""
-        lease = self._lease_length()
-        tick = lease * RENEW_EVERY
-        serving, reported = False, False
+        tick = self._lease_length() * RENEW_EVERY
+        serving = False
         while True:
             next_tick = trio.current_time() + tick
-            v = self.view
-            if v.state.primary and not v.leaving:
-                if not serving:
-                    serving, reported = True, False
-                    now = trio.current_time()
-                    if self._lease_until < now:  # not granted: the peer was not serving
-                        # (it stopped, or lost an election); its leftover lease may run.
-                        self._lease_until = now + 2 * lease
-                answer = await arbiter.claim(lease, timeout=tick)
-                if answer is not None and answer.granted:
-                    self._lease_until = answer.sent + answer.lease
-                elif not reported and self._lease_lapsing(lease):
-                    reported = True
-                    why = "no answer" if answer is None else f"{answer.holder} holds it"
-                    self.post(sm.LeaseLost(why))
-            elif serving:
-                serving = False
-                await arbiter.claim(lease, timeout=tick, release=True)
+            try:
+                serving = await self._renew_or_release(arbiter, serving)
+            except Exception as e:  # the daemon must outlive a witness it cannot reach
+                log.exception("%s: witness lease", self.name)
+                self._log("E", f"witness lease: {e}")
             await trio.sleep_until(next_tick)
+
+    async def _renew_or_release(self, arbiter: WitnessClient, serving: bool) -> bool:
+        """One renewal (or, having left the role, the release); whether serving now."""
+        lease = self._lease_length()
+        v = self.view
+        if v.state is not sm.State.ALONE:
+            self._lease_lost_posted = False  # a later ALONE period reports again
+        if not (v.state.primary and not v.leaving):
+            if serving:
+                await arbiter.claim(lease, timeout=lease * RENEW_EVERY, release=True)
+            return False
+        now = trio.current_time()
+        if not serving and v.state is sm.State.ALONE and self._lease_until < now:
+            # ALONE without a grant: the peer stopped (announced), lost an election, or the
+            # operator said prim; a leftover lease of the peer's may still run meanwhile.
+            self._lease_until = now + 2 * lease
+        answer = await arbiter.claim(lease, timeout=lease * RENEW_EVERY)
+        if answer is not None and answer.granted:
+            self._lease_until = answer.sent + answer.lease
+            self._lease_trouble = ""
+            return True
+        why = "no answer" if answer is None else f"{answer.holder or 'nobody'} holds it"
+        if not self._lease_trouble:
+            self._log("W", f"witness lease not renewed ({why})")
+        self._lease_trouble = why
+        if self._lease_lapsing(lease) and not self._lease_lost_posted:
+            self._lease_lost_posted = True
+            self.post(sm.LeaseLost(why))
+        return True
 
     def _lease_lapsing(self, lease: float) -> bool:
         """ALONE acknowledges on its own word: without a lease it must stop before the
         witness can have given the role away, a quarter lease before our last claim's
         lease ends, after about six renewals failed in a row (LeaseLost: fenced, then
-        stepping down). A PRIM's writes wait for its SECOND: it goes on."""
-        ending = trio.current_time() > self._lease_until - lease / 4
-        return ending and self.view.state is sm.State.ALONE
+        stepping down). Not when the peer, seen in its heartbeats, cannot take over (it
+        is not a synchronised SECOND); nor for a PRIM, whose writes wait for its SECOND."""
+        v = self.view
+        if v.state is not sm.State.ALONE:
+            return False
+        if v.peer is not None and not v.peer.synced_second:
+            return False
+        return trio.current_time() > self._lease_until - lease / 4
 
     async def _script_worker(self) -> None:
         """Run scripts one at a time, in order. A stop script arriving while a start script
@@ -710,15 +736,19 @@ class Module:
         while True:
             await trio.sleep(WATCH_INTERVAL)
             v = self.view
-            idle = not v.state.primary or v.phase is not sm.Phase.READY
-            if idle or not self.datapath.mounts or self._mirroring:
+            if not v.state.primary or not self.datapath.mounts or self._mirroring:
                 reported = False
                 continue
-            for proc in self.datapath.mounts:
-                if not proc.alive and not reported:
-                    reported = True
-                    self.post(sm.ActionFailed("mount", proc.exit_detail()))
-            if v.state is sm.State.PRIM and not reported:
+            alive = all(proc.alive for proc in self.datapath.mounts)
+            if reported or (not alive and v.phase is not sm.Phase.READY):
+                continue  # mounts come and go while the application starts or stops
+            if not alive:
+                reported = True
+                dead = next(p for p in self.datapath.mounts if not p.alive)
+                self.post(sm.ActionFailed("mount", dead.exit_detail()))
+            elif v.state is sm.State.PRIM:
+                # In every phase: a mount HELD while start_prim or stop_prim runs would
+                # hold the script too (it waits on the application's writes).
                 why = await self.datapath.replication_lost()
                 if why is not None:
                     reported = True

@@ -134,3 +134,15 @@ def test_client_and_server_over_loopback_udp(tmp_path: Path) -> None:
         assert await nobody.claim(0.6, timeout=0.3) is None, "no witness: no answer"
 
     trio.run(main)
+
+
+def test_a_grant_that_cannot_be_saved_is_not_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    server = WitnessServer(KEY, state_dir / "witness.json", now=0.0)
+    state_dir.rmdir()
+    state_dir.write_text("")  # the disk goes wrong: writes below it fail
+    assert server.answer(claim("node1", 1), SOURCE, now=1.0) is None
+    assert "not saved" in caplog.text
