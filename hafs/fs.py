@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from hafs import _libc
-from hafs.ops import FileTimes, Op, OpFrame
+from hafs.ops import INLINE_SYNC_BYTES, FileTimes, Op, OpFrame
 from hafs.replicator import Replicator
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,6 @@ STRIPPED_FLAGS = (
     | os.O_DIRECTORY
 )  # we open via /proc links
 CACHE_TIMEOUT = 1.0  # we are the only writer of the backing tree
-# An fsync of a file with at most this much written since its last sync runs on the loop
-# thread: handing it to a worker thread and back cost more than the sync itself (a redo
-# log's commit: a few KiB). Larger ones (a checkpoint's data file) go to a thread, so the
-# loop keeps serving while the disk writes them back. HAFS_INLINE_SYNC_BYTES=-1 sends every
-# sync to a thread (the replica reads it too), as before: the switch this was measured with.
-INLINE_SYNC_BYTES = int(os.environ.get("HAFS_INLINE_SYNC_BYTES", 256 << 10))
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

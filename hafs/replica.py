@@ -35,7 +35,6 @@ HANDSHAKE_TIMEOUT = 10.0
 LINGER_TIMEOUT = 10.0  # after refusing an op, for the primary to read why and hang up
 SETTLE_TIMEOUT = 60.0  # at exit, for the session's copy to be synced
 VERIFY_IDLE_TIMEOUT = 900.0  # between the requests of a VERIFY connection
-INLINE_SYNC_BYTES = int(os.environ.get("HAFS_INLINE_SYNC_BYTES", 256 << 10))  # see above
 JOURNAL = "journal"  # a mount's ALONE journal in the same state directory (hafs.mount)
 MANIFEST_CHUNK = 4 << 20
 
@@ -406,7 +405,7 @@ class MirrorSession:
             elif op.op is ops.Op.FSYNC:
                 ino = op.ints[0]
                 fd = self.applier.fsync_target(ino)
-                if self.unsynced.pop(ino, 0) <= INLINE_SYNC_BYTES:
+                if self.unsynced.pop(ino, 0) <= ops.INLINE_SYNC_BYTES:
                     self.inline.append((fd, bool(op.ints[1]), frame.seq))
                 else:
                     self.syncs.submit(self._sync, fd, bool(op.ints[1]), frame.seq)

@@ -147,7 +147,7 @@ def test_fsync_alone_answered_with_ack_and_synced_together(stream: Stream, syncs
 def test_large_fsync_runs_on_a_worker_thread(
     stream: Stream, syncs: Syncs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replica, "INLINE_SYNC_BYTES", 1024)
+    monkeypatch.setattr(replica.ops, "INLINE_SYNC_BYTES", 1024)
     (_, _, f) = stream.send(create(10, b"data"), write(10, b"y" * 4096), fsync(10))
     stream.wait_for(p.FrameType.SYNCED, f)
     assert [name.startswith("fsync") for name, _ in syncs.calls] == [True]
