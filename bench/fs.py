@@ -356,7 +356,9 @@ def _progress(msg: str) -> None:
 def summarize(runs: list[Run]) -> dict[str, dict[str, Any]]:
     """Per setup: medians of each metric over the rounds that produced it, and ratios."""
     out: dict[str, dict[str, Any]] = {}
-    for name in SETUPS:
+    # bench/fs.py's own setups first, then any other (bench/mysql.py's ack modes)
+    others = [r.setup for r in runs if r.setup not in SETUPS]
+    for name in (*SETUPS, *dict.fromkeys(others)):
         mine = [r for r in runs if r.setup == name]
         if not mine:
             continue
@@ -375,7 +377,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, Any]]:
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    names = [n for n in SETUPS if n in summary]
+    names = list(summary)
     rows = [["metric", *names]]
     for m in METRICS:
         if not any(m.key in summary[n]["median"] for n in names):

@@ -5,6 +5,8 @@ sysbench oltp_write_only and oltp_read_write at 1, 4 and 16 threads on each setu
   local              MariaDB on a plain directory (no HA: the ceiling)
   standalone         on `hafs fs mount --standalone` (the cost of FUSE alone)
   replicated         on a hafs mount in A replicated to `hafs fs replica` in B (the product)
+  replicated_fsync   the same with `--ack fsync` (writes return at once; fsync waits)
+  replicated_receipt the same with `--ack receipt` (fsync waits for the replica's memory)
   semisync           primary in A, replica in B, semi-sync AFTER_SYNC, GTID
   semisync_syncrelay the same with sync_relay_log=1 on the replica (acks once on its disk)
   local_binlog       (full mode) local with the binary log, sync_binlog=1: the binlog's cost
@@ -43,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import failover  # noqa: E402
 from bench import fs as fsbench  # noqa: E402
+from hafs.ops import Ack  # noqa: E402
 from tests.support import cluster  # noqa: E402
 from tests.support.mariadb import MariaDB, MariaDBError, parse_sysbench  # noqa: E402
 from tools.riglib.netns import NetnsLab, Node  # noqa: E402
@@ -50,7 +53,9 @@ from tools.riglib.netns import NetnsLab, Node  # noqa: E402
 WORKLOADS = ("oltp_write_only", "oltp_read_write")
 THREADS = (1, 4, 16)
 CORE_SETUPS = ("local", "standalone", "replicated", "semisync", "semisync_syncrelay")
-ALL_SETUPS = (*CORE_SETUPS, "local_binlog")
+# hafs's named ack modes (hafs.ops.Ack), weaker than the default: reported beside it.
+ACK_SETUPS = ("replicated_fsync", "replicated_receipt")
+ALL_SETUPS = (*CORE_SETUPS, *ACK_SETUPS, "local_binlog")
 BASELINES = {"local": "local", "semisync": "semisync", "semisync_syncrelay": "syncrelay"}
 HAFS_PORT = 7700
 MOUNT_ARGS = ("--no-xattrs",)  # as for MariaDB everywhere (examples/mysql, bench/fs.py)
@@ -71,7 +76,7 @@ class Plan:
 
 
 FULL = Plan(30, 10, 4, 20000, 5, fsbench.FULL, ALL_SETUPS)
-QUICK = Plan(3, 1, 2, 5000, 1, fsbench.QUICK, CORE_SETUPS, pause=0.5)
+QUICK = Plan(3, 1, 2, 5000, 1, fsbench.QUICK, (*CORE_SETUPS, *ACK_SETUPS), pause=0.5)
 
 
 # --- the two nodes ------------------------------------------------------------------------
@@ -160,23 +165,26 @@ def standalone_setup(lab: Lab) -> Iterator[Setup]:
 
 
 @contextlib.contextmanager
-def replicated_setup(lab: Lab) -> Iterator[Setup]:
+def replicated_setup(lab: Lab, ack: str = "applied") -> Iterator[Setup]:
     """fs.replicated_setup's pair, but the replica listens in B and the mount runs in A."""
-    dirs = [lab.work / n for n in ("rep-backing", "rep-mnt", "rep-replica")]
+    name = "replicated" if ack == "applied" else f"replicated_{ack}"
+    dirs = [lab.work / f"{name}-{n}" for n in ("backing", "mnt", "replica")]
     for d in dirs:
         d.mkdir()
-    key = cluster.keygen(lab.work / "cluster.key")
-    peer, hafs_a = f"{lab.b.addr}:{HAFS_PORT}", lab.wrap(lab.a, str(cluster.HAFS_BIN))
-    rstate, mstate = lab.work / "rep-rstate", lab.work / "rep-mstate"
+    key = cluster.keygen(lab.work / f"{name}.key")
+    port = HAFS_PORT + list(Ack).index(Ack(ack))
+    peer, hafs_a = f"{lab.b.addr}:{port}", lab.wrap(lab.a, str(cluster.HAFS_BIN))
+    rstate, mstate = lab.work / f"{name}-rstate", lab.work / f"{name}-mstate"
+    args = (*MOUNT_ARGS, "--ack", ack)
     with (
         cluster.replica(dirs[2], listen=peer, key=key, state_dir=rstate,
                         hafs_bin=lab.wrap(lab.b, str(cluster.HAFS_BIN))) as rproc,
         cluster.mount(dirs[0], peer=peer, key=key, mountpoint=dirs[1], state_dir=mstate,
-                      hafs_bin=hafs_a, extra_args=MOUNT_ARGS) as mproc,
+                      hafs_bin=hafs_a, extra_args=args) as mproc,
         _server(lab, lab.a, dirs[1] / "mysql") as db,
     ):  # fmt: skip
         target = fsbench.Target(dirs[1], mount=mproc, peer=peer, key=key, backing=dirs[0])
-        yield Setup("replicated", db, target, hafs_in_a=hafs_a, hafs_procs=[mproc, rproc])
+        yield Setup(name, db, target, hafs_in_a=hafs_a, hafs_procs=[mproc, rproc])
 
 
 PRIMARY_CNF = {
@@ -239,6 +247,8 @@ SETUP_FUNCS: dict[str, Callable[[Lab], contextlib.AbstractContextManager[Setup]]
     "local": local_setup,
     "standalone": standalone_setup,
     "replicated": replicated_setup,
+    "replicated_fsync": lambda lab: replicated_setup(lab, "fsync"),
+    "replicated_receipt": lambda lab: replicated_setup(lab, "receipt"),
     "semisync": lambda lab: semisync_setup(lab, syncrelay=False),
     "semisync_syncrelay": lambda lab: semisync_setup(lab, syncrelay=True),
     "local_binlog": lambda lab: local_setup(lab, binlog=True),
@@ -359,7 +369,7 @@ def point_problems(pt: Point) -> list[str]:
     if ss.get("fell_back"):
         found.append(f"{where}: SEMI-SYNC FELL BACK TO ASYNC (no_tx +{ss['no_tx']}, "
                      f"status {ss['status']}): this figure is not semi-synchronous")  # fmt: skip
-    expected = "MIRROR" if pt.setup == "replicated" else "STANDALONE"
+    expected = "MIRROR" if pt.setup.startswith("replicated") else "STANDALONE"
     if pt.info.get("mode", expected) != expected:
         found.append(f"{where}: hafs mount mode {pt.info['mode']} (not {expected})")
     big = {k: v for k, v in pt.info.get("rss_mb", {}).items() if v > 150}
@@ -524,6 +534,10 @@ def headline(points: list[Point], fail: dict[str, Any]) -> list[tuple[str, float
         ("ratio hafs_vs_semisync_4t", tps("replicated") / tps("semisync")),
         ("ratio hafs_vs_syncrelay_4t", tps("replicated") / tps("semisync_syncrelay")),
         ("ratio standalone_vs_local_4t", tps("standalone") / tps("local")),
+        # The named ack modes, weaker than the default (hafs.ops.Ack): for the record.
+        ("ratio hafs_fsync_vs_local_4t", tps("replicated_fsync") / tps("local")),
+        ("ratio hafs_fsync_vs_semisync_4t", tps("replicated_fsync") / tps("semisync")),
+        ("ratio hafs_receipt_vs_semisync_4t", tps("replicated_receipt") / tps("semisync")),
         ("failover_s", fail.get("median_s", float("nan"))),
     ]
 

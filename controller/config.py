@@ -279,7 +279,11 @@ class Replication:
     """`<rfs>`: the replicated directories and the replication settings hafs uses."""
 
     replicated: tuple[ReplicatedDir, ...]
-    async_mode: str = "second"  # second: the secondary acks on receipt; none: on disk
+    # SafeKit's: read, not used; hafs acks as `ack` says (its default is protocol C,
+    # SafeKit's async="second" default is protocol B).
+    async_mode: str = "second"
+    ack: str = "applied"  # hafs: when a call returns (hafs.replicator.Ack)
+    xattrs: bool = True  # hafs: off answers ENOSYS to xattr calls (faster MariaDB)
     acl: bool = False
     nbrei: int = 6
     nbremconn: int = 1
@@ -1148,6 +1152,8 @@ def _regex(r: _Reader, e: _Element, name: str, pattern: str | None) -> None:
 # The <rfs> attributes Replication has fields for; the others go to safekit_only.
 _RFS_USED = {
     "async",
+    "ack",
+    "xattrs",
     "acl",
     "nbrei",
     "nbremconn",
@@ -1178,6 +1184,8 @@ def _rfs(r: _Reader, e: _Element) -> Replication:
     return Replication(
         replicated=tuple(dirs),
         async_mode=e.get("async", "second"),
+        ack=e.get("ack", "applied"),
+        xattrs=r.flag(e, "xattrs", True),
         acl=r.flag(e, "acl", False),
         nbrei=r.integer(e, "nbrei", 6),
         nbremconn=r.integer(e, "nbremconn", 1),

@@ -227,6 +227,8 @@ class DataPath:
         timeout: float,
         maxrate: int = 0,
         workers: int = 4,
+        ack: str = "applied",
+        xattrs: bool = True,
     ):
         self.dirs = dirs
         self.key_file = key_file
@@ -234,6 +236,8 @@ class DataPath:
         self.timeout = timeout
         self.maxrate = maxrate  # bytes/s a resync sends at most (0: no cap)
         self.workers = workers  # threads reading trees and hashing blocks (<rfs nbrei>)
+        self.ack = ack  # when a mutating call returns (<rfs ack>, hafs.replicator.Ack)
+        self.xattrs = xattrs  # <rfs xattrs>
         self.mounts: list[DataProcess] = []
         self.replicas: list[DataProcess] = []
         self.standby: dict[int, DataProcess] = {}  # directory -> its waiting mount process
@@ -308,6 +312,8 @@ class DataPath:
             "--timeout", str(self.timeout),
             "--maxrate", str(self.maxrate / 1e6),
             "--workers", str(self.workers),
+            "--ack", self.ack,
+            "--xattrs" if self.xattrs else "--no-xattrs",
             "--fence",  # this daemon decides when a mount that lost its peer goes on
         )  # fmt: skip
         return [*argv, "--alone"] if alone else argv

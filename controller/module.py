@@ -175,6 +175,8 @@ class Module:
             timeout=min(config.heart.timeout, 30.0),
             maxrate=config.rfs.reiallowedbw * 1000 if config.rfs else 0,
             workers=config.rfs.nbrei if config.rfs else 4,
+            ack=config.rfs.ack if config.rfs else "applied",
+            xattrs=config.rfs.xattrs if config.rfs else True,
         )
         self.vips = virtual_ips(config.vip) if config.vip is not None else []
         self.checkers = _checkers(config, self.vips)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from hafs import manifest, protocol, status, verify, wire
+from hafs.ops import Ack
 from hafs.state import default_state_dir
 
 app = typer.Typer(
@@ -164,6 +165,16 @@ def fs_mount(
             "EIO) instead of going ALONE after --timeout: the daemon's fencing"
         ),
     ] = False,
+    ack: Annotated[
+        Ack,
+        typer.Option(
+            help="when a mutating call returns: applied = once the peer applied it, fsync "
+            "once durable on both (no acknowledged change lost); fsync = writes at once, "
+            "fsync as applied (a write not yet fsynced may be lost in a failover); receipt "
+            "= writes at once, fsync once the peer has it in memory (a commit is lost only "
+            "if both nodes fail at once)"
+        ),
+    ] = Ack.APPLIED,
     standby: Annotated[
         bool,
         typer.Option(
@@ -199,6 +210,7 @@ def fs_mount(
         maxrate=int(maxrate * 1e6),
         workers=workers,
         fence=fence,
+        ack=ack,
     )
     if live_passes is not None:
         cfg = dataclasses.replace(cfg, live_passes=live_passes)

@@ -541,7 +541,7 @@ class HafsOperations(pyfuse3.Operations):
         if self.rep.mirroring:
             data = buf if written == len(buf) else buf[:written]
             frame = OpFrame(Op.WRITE, (h.ino, off), (data,), (self._times(h.ino),))
-            await self.rep.applied(self.rep.send(frame, "data", h.ino, off, written))
+            await self.rep.written(self.rep.send(frame, "data", h.ino, off, written))
         return written
 
     @fuse_errors
@@ -562,13 +562,13 @@ class HafsOperations(pyfuse3.Operations):
     async def _sync(self, fd: int, ino: int, datasync: bool) -> None:
         # The replica starts its fsync as soon as the op arrives, so local and remote
         # syncs overlap; the call returns when both are durable (I1).
-        seq = self.rep.send(OpFrame(Op.FSYNC, (ino, int(datasync))))
+        seq = self.rep.send_fsync(ino, datasync)
         sync = os.fdatasync if datasync else os.fsync
         if self._unsynced.pop(ino, 0) <= INLINE_SYNC_BYTES:
             sync(fd)
         else:
             await trio.to_thread.run_sync(sync, fd, limiter=self.sync_limiter)
-        await self.rep.synced(seq)
+        await self.rep.durable(seq)
 
     # -- directories and xattrs ----------------------------------------------------------
 

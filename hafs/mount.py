@@ -20,6 +20,7 @@ from hafs import _libc, repair, resync
 from hafs.fs import HafsOperations
 from hafs.journal import Journal
 from hafs.manifest import WORKERS
+from hafs.ops import Ack
 from hafs.replica import ReplicaServer
 from hafs.replicator import LIVE_PASSES, Mode, Replicator
 from hafs.state import StateStore
@@ -37,6 +38,7 @@ class MountConfig:
     key: bytes | None
     timeout: float
     xattrs: bool = True
+    ack: Ack = Ack.APPLIED  # when a mutating call returns
     alone: bool = False  # start ALONE, as the controller's Mount(ALONE): no connect attempt
     live_passes: int = LIVE_PASSES  # a rejoin's passes while the application writes
     maxrate: int = 0  # bytes/s a rejoin's live passes send at most; 0: no cap
@@ -80,6 +82,7 @@ def run_mount(cfg: MountConfig) -> None:
     replicator.resync_maxrate = cfg.maxrate
     replicator.resync_workers = cfg.workers
     replicator.hold_on_loss = cfg.fence
+    replicator.ack = cfg.ack
     operations = HafsOperations(root_fd, replicator, cfg.xattrs)
     replicator.path_of = operations.path_of
     _start_mode(replicator, state, journal, cfg.alone)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 from hafs.protocol import ProtocolError
 
@@ -47,8 +47,28 @@ class Op(IntEnum):
     CHOWN = 14  # ints: ino, uid, gid
     SETXATTR = 15  # ints: ino, flags             blobs: name, value
     REMOVEXATTR = 16  # ints: ino                 blobs: name
-    FSYNC = 17  # ints: ino, datasync  -> SYNCED once durable on the replica
+    FSYNC = 17  # ints: ino, flags (FSYNC_*)  -> SYNCED once durable on the replica
     TIMES = 18  # only the times trailer (utimens)
+
+
+class Ack(StrEnum):
+    """When a mutating call returns on the primary (design.md I1). The default, APPLIED,
+    is DRBD's protocol C; the others trade guarantees for fewer round trips."""
+
+    # Every call once the replica applied it; fsync once the data is durable on both nodes.
+    APPLIED = "applied"
+    # A write at once (streamed in order); fsync, and every other call, as APPLIED. An
+    # fsynced change survives the loss of the primary; a write not yet fsynced may be lost
+    # with it, as it may be by a local power cut (the replica is a prefix of the stream).
+    FSYNC = "fsync"
+    # A write at once; fsync once durable locally and applied by the replica, not yet on its
+    # disk (DRBD protocol B, SafeKit async="second", semi-sync's default): a commit survives
+    # the loss of either node, not the loss of both at once.
+    RECEIPT = "receipt"
+
+
+FSYNC_DATASYNC = 1  # fdatasync, not fsync
+FSYNC_ACK_FIRST = 2  # ACK the op (applied) before syncing: the mount's ack="receipt"
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,7 @@ class MirrorSession:
         self.unsynced: dict[int, int] = {}  # ino -> bytes written since its last FSYNC
         # FSYNCs of this batch synced on the stream's thread at its end: (fd, datasync, seq)
         self.inline: list[tuple[int, bool, int]] = []
+        self.ack_first = False  # an FSYNC of this batch asked for its ACK before the sync
         self.failed = False
         self.was_uptodate = server.state.current.uptodate
         # A refusal and a completed RESYNC_DONE sync may race (different threads): the
@@ -353,7 +354,8 @@ class MirrorSession:
                     self._close_inline()
                     return False
                 last = frame.seq
-            if not self._end_batch(last, len(self.inline) < len(frames)):
+            ack_first, self.ack_first = self.ack_first or len(self.inline) < len(frames), False
+            if not self._end_batch(last, ack_first):
                 return False
 
     def _end_batch(self, last: int, ack_first: bool) -> bool:
@@ -403,12 +405,14 @@ class MirrorSession:
             elif op.op is ops.Op.FORGET:
                 self.unsynced.pop(op.ints[0], None)
             elif op.op is ops.Op.FSYNC:
-                ino = op.ints[0]
+                ino, flags = op.ints
                 fd = self.applier.fsync_target(ino)
+                datasync = bool(flags & ops.FSYNC_DATASYNC)
+                self.ack_first = self.ack_first or bool(flags & ops.FSYNC_ACK_FIRST)
                 if self.unsynced.pop(ino, 0) <= ops.INLINE_SYNC_BYTES:
-                    self.inline.append((fd, bool(op.ints[1]), frame.seq))
+                    self.inline.append((fd, datasync, frame.seq))
                 else:
-                    self.syncs.submit(self._sync, fd, bool(op.ints[1]), frame.seq)
+                    self.syncs.submit(self._sync, fd, datasync, frame.seq)
         except p.ProtocolError as e:
             self._refuse(frame.seq, errno.EPERM, f"refused {op.op.name}: {e}")
             raise

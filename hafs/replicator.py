@@ -37,6 +37,7 @@ import trio
 from hafs import _libc, manifest, ops
 from hafs import protocol as p
 from hafs.journal import Journal
+from hafs.ops import Ack
 from hafs.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ CONNECT_ATTEMPT_TIMEOUT = 2.0
 # that pauses its writes (hafs.resync).
 LIVE_PASSES = 4
 IOV_BATCH = 512  # below IOV_MAX (1024)
+# Ack modes that return writes at once: how many bytes may be sent and not yet applied
+# before a write waits for the replica after all (memory and the watchdog stay bounded).
+UNACKED_WINDOW = 8 << 20
 
 
 class Mode(StrEnum):
@@ -90,6 +94,7 @@ class Replicator:
         self.journal = journal
         self.path_of = path_of
         self.mode = Mode.STANDALONE if peer is None else Mode.CONNECTING
+        self.ack = Ack.APPLIED
         self.reason = ""
         self.hold_on_loss = False  # fencing: a failed stream goes HELD, not ALONE
         self._decided: trio.Event | None = None  # set when a HELD mount is told what to do
@@ -103,8 +108,10 @@ class Replicator:
         self._ack_waiters: list[tuple[int, int, trio.Event]] = []
         self._sync_waiters: dict[int, trio.Event] = {}
         self._inflight: deque[Change] = deque()
-        # For the watchdog: when each unacknowledged frame, and each pending fsync, was sent.
-        self._unacked_since: deque[tuple[int, float]] = deque()
+        # For the watchdog: when each unacknowledged frame, and each pending fsync, was sent;
+        # with each frame's size, for the window of the ack modes that do not wait.
+        self._unacked_since: deque[tuple[int, float, int]] = deque()
+        self._unacked_bytes = 0
         self._sync_started: dict[int, float] = {}
         self._tiebreak = itertools.count()
         self._cancel = trio.CancelScope()  # the current session's
@@ -177,7 +184,8 @@ class Replicator:
         seq = self._send_op(frame)
         if kind:
             self._inflight.append(Change(seq, kind, ino, offset, length))
-            self._inflight.extend(Change(seq, kind, other, 0, 0) for other in also)
+            if also:
+                self._inflight.extend(Change(seq, kind, other, 0, 0) for other in also)
         return seq
 
     def _journal_moved(self, frame: ops.OpFrame) -> None:
@@ -220,7 +228,9 @@ class Replicator:
         assert self._writer is not None
         bufs = self._writer.seal(ftype, *parts)
         seq = self._writer.seq
-        self._unacked_since.append((seq, trio.current_time()))
+        size = sum(map(len, bufs))
+        self._unacked_since.append((seq, trio.current_time(), size))
+        self._unacked_bytes += size
         self._transmit(bufs)
         return seq
 
@@ -247,6 +257,23 @@ class Replicator:
             await event.wait()
         if seq > self._acked:
             await self._unacknowledged()
+
+    async def written(self, seq: int) -> None:
+        """After a WRITE op: wait as the ack mode says (APPLIED: for the replica)."""
+        if self.ack is Ack.APPLIED or self._unacked_bytes > UNACKED_WINDOW:
+            await self.applied(seq)
+
+    def send_fsync(self, ino: int, datasync: bool) -> int:
+        """Queue an FSYNC op; RECEIPT asks the replica to ACK it before its disk sync."""
+        flags = ops.FSYNC_DATASYNC * datasync | ops.FSYNC_ACK_FIRST * (self.ack is Ack.RECEIPT)
+        return self.send(ops.OpFrame(ops.Op.FSYNC, (ino, flags)))
+
+    async def durable(self, seq: int) -> None:
+        """After an FSYNC op: wait until the replica has it as the ack mode says."""
+        if self.ack is Ack.RECEIPT and seq:
+            await self.applied(seq)
+        else:
+            await self.synced(seq)
 
     async def synced(self, seq: int) -> None:
         """Wait until the replica made FSYNC op seq durable."""
@@ -352,6 +379,7 @@ class Replicator:
         )
         self._outbox.clear()
         self._unacked_since.clear()
+        self._unacked_bytes = 0
         self._sync_started.clear()
         if self._raw is not None:
             self._raw.close()
@@ -427,6 +455,7 @@ class Replicator:
         self._sync_waiters.clear()
         self._inflight.clear()
         self._unacked_since.clear()
+        self._unacked_bytes = 0
         self._sync_started.clear()
 
     async def _session(
@@ -512,7 +541,8 @@ class Replicator:
         self._acked = max(self._acked, seq)
         sent_at = -1.0
         while self._unacked_since and self._unacked_since[0][0] <= seq:
-            sent_at = self._unacked_since.popleft()[1]
+            _, sent_at, size = self._unacked_since.popleft()
+            self._unacked_bytes -= size
         if sent_at >= 0:  # the newest op this ACK covers: its round trip, smoothed
             self.ack_rtt = 0.9 * self.ack_rtt + 0.1 * (trio.current_time() - sent_at)
         while self._inflight and self._inflight[0].seq <= seq:
@@ -584,6 +614,7 @@ class Replicator:
     def snapshot(self) -> dict[str, object]:
         return {
             "mode": self.mode.value,
+            "ack": self.ack.value,
             "peer": self._peer_text(),
             "reason": self.reason,
             "acked": self._acked,

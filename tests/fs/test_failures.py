@@ -107,6 +107,22 @@ def continued_on_exit(proc: cluster.HafsProc) -> Iterator[None]:
 # ------------------------------------------------------------------------------ 1. mount crash
 
 
+def kill_mount_mid_stream(
+    mnt: cluster.MountProc, writer: RecordWriter, enough: Callable[[], bool]
+) -> None:
+    """SIGKILL the mount once ENOUGH records went through; the writer must see it die."""
+    try:
+        wait_until(lambda: enough() or writer.error is not None, 60, "records before the crash")
+        assert writer.error is None, f"write failed before the crash: {writer.error}"
+        mnt.kill()
+        writer.thread.join(15)  # type: ignore[union-attr]
+    finally:
+        writer.finish()
+    cluster.force_unmount(mnt.target)
+    assert writer.error is not None, "the writer finished before the crash: not mid-stream"
+    assert writer.error.errno in DEAD_MOUNT_ERRNOS, f"unexpected error {writer.error!r}"
+
+
 def test_mount_sigkill_mid_write_stream_replica_holds_acked_prefix(rig: Rig) -> None:
     """I1 + I3: after SIGKILL of the mount, the replica holds every acknowledged record and
     nothing past the one write that may have been in flight."""
@@ -114,16 +130,7 @@ def test_mount_sigkill_mid_write_stream_replica_holds_acked_prefix(rig: Rig) -> 
         path = rig.mountpoint / "stream.dat"
         write_file(path, b"")
         writer = RecordWriter(path).start()
-        try:
-            wait_until(lambda: writer.acked >= 300 or writer.error is not None, 60, "300 records")
-            assert writer.error is None, f"write failed before the crash: {writer.error}"
-            mnt.kill()
-            writer.thread.join(15)  # type: ignore[union-attr]
-        finally:
-            writer.finish()
-        cluster.force_unmount(mnt.target)
-        assert writer.error is not None, "the writer finished before the crash: not mid-stream"
-        assert writer.error.errno in DEAD_MOUNT_ERRNOS, f"unexpected error {writer.error!r}"
+        kill_mount_mid_stream(mnt, writer, lambda: writer.acked >= 300)
         acked = writer.acked
 
         wait_until(lambda: replica_idle(rep), 10, "the replica to end the dead session")
@@ -342,7 +349,7 @@ def test_replica_sigkill_mid_stream_app_unaffected_mount_alone_journals_changes(
         assert (mp / "old1").read_bytes() == b"old1 before\nmore\n"
 
 
-def _blocked_call(call: Callable[[], Any], name: str) -> tuple[threading.Thread, dict[str, Any]]:
+def blocked_call(call: Callable[[], Any], name: str) -> tuple[threading.Thread, dict[str, Any]]:
     """Start CALL in a thread; the dict gets its result and duration, or its error."""
     result: dict[str, Any] = {}
 
@@ -375,7 +382,7 @@ def test_write_in_flight_when_replica_dies_is_journaled(rig: Rig) -> None:
         write_file(path, b"x" * RECORD)
         with continued_on_exit(rep):
             os.kill(rep.pid, signal.SIGSTOP)
-            thread, result = _blocked_call(lambda: _pwrite_file(path, record(0)), "one-write")
+            thread, result = blocked_call(lambda: _pwrite_file(path, record(0)), "one-write")
             time.sleep(0.5)
             assert thread.is_alive(), f"write returned before the replica acked it: {result}"
             assert mnt.status()["mode"] == "MIRROR"
@@ -416,7 +423,7 @@ def test_entry_changes_in_flight_when_replica_dies_journal_their_directories(rig
             write_file(mp / name, b"data\n")
         with continued_on_exit(rep):
             os.kill(rep.pid, signal.SIGSTOP)
-            running = {name: _blocked_call(call, name) for name, call in calls.items()}
+            running = {name: blocked_call(call, name) for name, call in calls.items()}
             time.sleep(0.5)
             assert mnt.status()["mode"] == "MIRROR"
             assert all(t.is_alive() for t, _ in running.values()), "a call returned unacked"

@@ -52,13 +52,15 @@ class RecordWriter:
     """A thread writing records 0, 1, 2... at their offsets through one O_RDWR fd.
 
     `acked` counts the records whose pwrite returned; with one thread at most one more
-    write is in flight. An fsync every `fsync_every` records.
+    write is in flight. An fsync every `fsync_every` records; `synced` counts the records
+    the last fsync that returned covers.
     """
 
     path: Path
     fsync_every: int = 8
     max_records: int = 25_000
     acked: int = 0
+    synced: int = 0
     error: OSError | None = None
     calls: list[Call] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -92,6 +94,7 @@ class RecordWriter:
                 self.acked = i + 1
                 if self.fsync_every and self.acked % self.fsync_every == 0:
                     self._timed(lambda: os.fsync(fd))
+                    self.synced = self.acked
         except OSError as e:
             self.error = e
         finally:

@@ -117,8 +117,8 @@ def write(ino: int, data: bytes, offset: int = 0) -> OpFrame:
     return OpFrame(Op.WRITE, (ino, offset), (data,))
 
 
-def fsync(ino: int) -> OpFrame:
-    return OpFrame(Op.FSYNC, (ino, 1))
+def fsync(ino: int, flags: int = ops.FSYNC_DATASYNC) -> OpFrame:
+    return OpFrame(Op.FSYNC, (ino, flags))
 
 
 def test_small_fsync_synced_on_the_stream_thread(
@@ -142,6 +142,20 @@ def test_fsync_alone_answered_with_ack_and_synced_together(stream: Stream, syncs
     synced = stream.wait_for(p.FrameType.SYNCED, f)
     assert stream.wait_for(p.FrameType.ACK, f) == synced  # one reply, one wakeup
     assert len(syncs.calls) == 1
+
+
+def test_fsync_asking_ack_first_is_acked_before_the_disk_sync(stream: Stream, syncs: Syncs) -> None:
+    """The mount's ack="receipt": its fsync waits for the ACK, which must not wait for the
+    replica's disk; SYNCED still comes once the sync returned."""
+    syncs.delay = 0.3
+    stream.send(create(10, b"log"), write(10, b"x"))
+    stream.wait_for(p.FrameType.ACK, 2)
+    (f,) = stream.send(fsync(10, ops.FSYNC_DATASYNC | ops.FSYNC_ACK_FIRST))
+    acked = stream.wait_for(p.FrameType.ACK, f)
+    synced = stream.wait_for(p.FrameType.SYNCED, f)
+    ((_, returned),) = syncs.calls
+    assert acked < returned <= synced
+    assert synced - acked > 0.2
 
 
 def test_large_fsync_runs_on_a_worker_thread(

@@ -177,6 +177,8 @@ BROKEN = [
      ['<virtual_addr> addr="10.77.0.300" is not an IP address', "IPv4", "IPv6"]),
     ("host_name_for_vip", '"10.77.0.100"', '"vip.example.com"', 18, "virtual_addr", "addr",
      ["is not an IP address", "hafs resolves no host names"]),
+    ("unknown_ack_mode", 'nbrei="3"', 'nbrei="3" ack="sync"', 32, "rfs", "ack",
+     ['<rfs> ack="sync" is not allowed', "expected one of applied, fsync, receipt"]),
     ("unknown_attribute", 'nbrei="3"', 'nbrei="3" nbreii="4"', 32, "rfs", "nbreii",
      ["<rfs> has no attribute 'nbreii' (did you mean 'nbrei'?)", "allowed: async, acl, nbrei"]),
     ("relative_replicated_dir", 'dir="/var/lib/mysql"', 'dir="var/lib/mysql"', 33,
@@ -320,6 +322,7 @@ def test_every_documented_element_loads_with_its_units(
     assert module.rfs.checktime == 220.0
     assert ("roflags", "0x10") in module.rfs.safekit_only
     assert module.rfs.reiallowedbw == 20000  # KB/s: the resync's maxrate
+    assert (module.rfs.ack, module.rfs.xattrs) == ("fsync", False)  # hafs's own attributes
     assert module.user is not None and module.user.nicestoptimeout == 60.0
     assert module.user.env == {"MYSQL_SOCKET": "/run/mysqld/mysqld.sock", "APP_DATA": "/srv/app"}
     assert module.check.tcp[0].port == 3306 and module.check.tcp[0].timeout == 2.0

@@ -1,0 +1,78 @@
+"""The mount's named ack modes (`--ack fsync|receipt`, hafs.ops.Ack) on real mounts.
+
+Both return a write without waiting for the replica, and keep the guarantee that matters to
+a database: an fsync that returned is on the replica, in stream order (I2, I3), so after a
+crash of the primary the replica holds every fsynced record and a prefix of the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.fs.test_failures import (
+    FAST_CALL,
+    MARGIN,
+    Rig,
+    blocked_call,
+    continued_on_exit,
+    journal_lines,
+    kill_mount_mid_stream,
+    replica_idle,
+    write_file,
+)
+from tests.support.cluster import TIMEOUT, wait_until
+from tests.support.records import RECORD, RecordWriter, check_records, record
+
+MODES = ("fsync", "receipt")
+
+
+@pytest.mark.parametrize("ack", MODES)
+def test_write_returns_without_the_replica_and_fsync_waits_for_it(rig: Rig, ack: str) -> None:
+    """With the replica stopped, a write returns at once; the fsync after it waits until the
+    mount gives up on the peer (ALONE), and the file is journaled for the resync."""
+    with rig.replica() as rep, rig.mount(extra_args=("--ack", ack)) as mnt:
+        assert mnt.status()["ack"] == ack
+        path = rig.mountpoint / "unsynced.dat"
+        write_file(path, b"")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with continued_on_exit(rep):
+                os.kill(rep.pid, signal.SIGSTOP)
+                start = time.monotonic()
+                assert os.pwrite(fd, record(0), 0) == RECORD
+                assert time.monotonic() - start < FAST_CALL, "the write waited for the replica"
+                assert mnt.status()["mode"] == "MIRROR"
+                thread, result = blocked_call(lambda: os.fsync(fd), "fsync")
+                time.sleep(0.5)
+                assert thread.is_alive(), f"fsync returned without the replica: {result}"
+                thread.join(TIMEOUT + MARGIN)
+                assert not thread.is_alive(), "fsync still blocked after the timeout"
+        finally:
+            os.close(fd)
+        assert "error" not in result, result
+        status = mnt.status()
+        assert status["mode"] == "ALONE", status
+        assert any(
+            r["path"] == "unsynced.dat" and r["kind"] == "data"
+            for r in journal_lines(rig.mount_state)
+        ), journal_lines(rig.mount_state)
+
+
+@pytest.mark.parametrize("ack", MODES)
+def test_mount_sigkill_replica_holds_every_fsynced_record_and_a_prefix(rig: Rig, ack: str) -> None:
+    """I1 as these modes promise it, I2, I3: after SIGKILL of the mount mid-stream the replica
+    holds every record an fsync returned for, and records in order, never past the primary."""
+    with rig.replica() as rep, rig.mount(extra_args=("--ack", ack)) as mnt:
+        path = rig.mountpoint / "stream.dat"
+        write_file(path, b"")
+        writer = RecordWriter(path, fsync_every=5).start()
+        kill_mount_mid_stream(mnt, writer, lambda: writer.synced >= 300)
+        wait_until(lambda: replica_idle(rep), 10, "the replica to end the dead session")
+        n = check_records((rig.replica_dir / "stream.dat").read_bytes(), "replica")
+        assert n >= writer.synced, f"fsynced records lost: replica {n}, synced {writer.synced}"
+        primary = check_records((rig.primary_dir / "stream.dat").read_bytes(), "primary")
+        assert n <= primary <= writer.acked + 1, (writer.synced, n, primary, writer.acked)
