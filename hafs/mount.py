@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -58,6 +59,15 @@ def _prepare_process() -> None:
     sys.setswitchinterval(float(os.environ.get("HAFS_SWITCH_INTERVAL", "0.0005")))
 
 
+def _fuse_fd() -> int:
+    """The fd pyfuse3.init opened on /dev/fuse (pyfuse3 does not export it)."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+    return -1
+
+
 def wait_for_go(cfg: MountConfig) -> MountConfig | None:
     """A standby mount (a SECOND's, ready for a failover with Python started and hafs
     imported) waits for one line: `go alone` or `go mirror`; end of input (its daemon
@@ -89,6 +99,7 @@ def run_mount(cfg: MountConfig) -> None:
     control = MountControl(replicator, operations)
     options = set(pyfuse3.default_options) | {"fsname=hafs", "subtype=hafs", "allow_other"}
     pyfuse3.init(operations, cfg.mountpoint, options)
+    replicator.watch_requests(_fuse_fd())
     status = StatusServer(
         cfg.state_dir / "status.sock",
         lambda: {

@@ -26,7 +26,9 @@ import itertools
 import logging
 import os
 import secrets
+import select
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,11 @@ IOV_BATCH = 512  # below IOV_MAX (1024)
 # Ack modes that return writes at once: how many bytes may be sent and not yet applied
 # before a write waits for the replica after all (memory and the watchdog stay bounded).
 UNACKED_WINDOW = 8 << 20
+# A call waiting for its ACK or SYNCED first waits on the loop's thread, in poll(2) on the
+# stream and /dev/fuse, for at most this long: a reply that comes before the kernel has
+# another request for us then costs no trip through trio's scheduler (measured: six
+# epoll_wait per write + fdatasync without it). Longer waits go back to the loop.
+INLINE_WAIT = 0.002
 
 
 class Mode(StrEnum):
@@ -114,6 +121,8 @@ class Replicator:
         self._unacked_bytes = 0
         self._sync_started: dict[int, float] = {}
         self._tiebreak = itertools.count()
+        self._poller: select.poll | None = None  # the stream and /dev/fuse, for _wait_inline
+        self._fuse_fd = -1
         self._cancel = trio.CancelScope()  # the current session's
         self._sessions: trio.Nursery | None = None
         self._gate: trio.Event | None = None  # set while mutating calls must wait
@@ -247,9 +256,50 @@ class Replicator:
         self._outbox.extend(bufs)
         self._outbox_ready.set()
 
+    def watch_requests(self, fuse_fd: int) -> None:
+        """The mount's /dev/fuse fd: an inline wait ends when it has a request for us."""
+        self._fuse_fd = fuse_fd
+
+    def _wait_inline(self, done: Callable[[], bool]) -> None:
+        """Read the replica's replies on this thread until done(), the kernel has another
+        request for the mount, the stream has nothing for INLINE_WAIT, or it fails (the
+        receiver task finds out how, as it would have)."""
+        if self._raw is None or self._outbox or self._sending or self._fuse_fd < 0:
+            return
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._fuse_fd, select.POLLIN)
+            self._poller.register(self._raw.fileno(), select.POLLIN)
+        deadline = time.monotonic() + INLINE_WAIT
+        while not done():
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0:
+                return
+            ready = self._poller.poll(left_ms)
+            if not ready or any(fd == self._fuse_fd for fd, _ in ready):
+                return
+            try:
+                data = self._raw.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return  # end of stream: left to the receiver
+            self._reader.feed(data)
+            try:
+                for frame in self._reader.frames():
+                    self._on_frame(frame)
+            except p.ProtocolError as e:
+                self.lose(f"stream failed: {e}")
+                return
+
     async def applied(self, seq: int) -> None:
         """Wait until the replica applied op seq (the watchdog bounds the wait)."""
         if seq == 0 or seq <= self._acked:
+            return
+        self._wait_inline(lambda: self._acked >= seq)
+        if seq <= self._acked:
             return
         if self.mode is Mode.MIRROR or self.mode is Mode.RESYNC:
             event = trio.Event()
@@ -280,6 +330,10 @@ class Replicator:
         if seq and self.mode is Mode.MIRROR:
             # SYNCED may have arrived while the local fsync ran: its event is then set.
             event = self._sync_waiters.setdefault(seq, trio.Event())
+            self._wait_inline(event.is_set)
+            if event.is_set() and self.mode is Mode.MIRROR:
+                self._sync_waiters.pop(seq, None)
+                return
             try:
                 await event.wait()
             finally:
@@ -382,8 +436,10 @@ class Replicator:
         self._unacked_bytes = 0
         self._sync_started.clear()
         if self._raw is not None:
+            trio.lowlevel.notify_closing(self._raw)  # the receiver may wait on it
             self._raw.close()
             self._raw = None
+            self._poller = None
         self._cancel.cancel()
         if self.resync_scope is not None:
             self.resync_scope.cancel()
@@ -445,6 +501,7 @@ class Replicator:
         """A new stream numbers its frames from 1: nothing of the last one carries over."""
         self._sock = sock
         self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+        self._poller = None
         self._writer = p.FrameWriter(keys.send)
         self._reader = p.FrameReader(keys.recv)
         self._acked = 0
@@ -470,7 +527,7 @@ class Replicator:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._sender, sock)
                         nursery.start_soon(self._watchdog)
-                        nursery.start_soon(self._receiver, sock)
+                        nursery.start_soon(self._receiver, raw)
                 except* (OSError, p.ProtocolError) as group:  # trio wraps task errors
                     self.lose(f"stream failed: {group.exceptions[0]}")
         finally:
@@ -513,9 +570,20 @@ class Replicator:
             await _send_all(sock, bufs)
             self._sending = False
 
-    async def _receiver(self, sock: trio.socket.SocketType) -> None:
+    async def _receiver(self, raw: socket.socket | None) -> None:
+        """Read and handle the replica's replies. The raw socket, not trio's: its recv
+        yields after reading, and a call's `_wait_inline` could then read the next bytes
+        first. Here no other task runs between reading bytes and feeding them."""
+        assert raw is not None
         while True:
-            data = await sock.recv(1 << 16)
+            try:
+                await trio.lowlevel.wait_readable(raw)
+            except trio.ClosedResourceError:
+                return  # _end_stream closed the stream
+            try:
+                data = raw.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # a call's inline wait read it first
             if not data:
                 raise p.ProtocolError("replica closed the connection")
             self._reader.feed(data)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -22,12 +25,55 @@ from tests.fs.test_failures import (
     journal_lines,
     kill_mount_mid_stream,
     replica_idle,
+    tree,
     write_file,
 )
 from tests.support.cluster import TIMEOUT, wait_until
 from tests.support.records import RECORD, RecordWriter, check_records, record
 
 MODES = ("fsync", "receipt")
+WRITERS = 8
+
+
+def write_and_fsync(path: Path, seconds: float) -> int:
+    """Records and an fsync after each, for SECONDS; how many records."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline, i = time.monotonic() + seconds, 0
+    try:
+        while time.monotonic() < deadline:
+            os.pwrite(fd, record(i), i * RECORD)
+            os.fdatasync(fd)
+            i += 1
+    finally:
+        os.close(fd)
+    return i
+
+
+@pytest.mark.parametrize("ack", ("applied", *MODES))
+def test_concurrent_writers_keep_the_stream_whole_and_the_copies_equal(rig: Rig, ack: str) -> None:
+    """Many calls waiting at once: replies read by the call itself (hafs.replicator
+    _wait_inline) and by the receiver task interleave, and must keep the stream in order:
+    the mount stays MIRROR and the replica ends equal to the primary."""
+    with rig.replica() as rep:
+        with rig.mount(extra_args=("--ack", ack)) as mnt:
+            stop_checking = threading.Event()
+            modes: set[str] = set()
+
+            def watch() -> None:
+                while not stop_checking.wait(0.2):
+                    modes.add(mnt.status()["mode"])
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            with ThreadPoolExecutor(WRITERS) as pool:
+                paths = [rig.mountpoint / f"w{i}.dat" for i in range(WRITERS)]
+                counts = list(pool.map(lambda path: write_and_fsync(path, 4.0), paths))
+            stop_checking.set()
+            watcher.join(5)
+            assert min(counts) > 10, counts
+            assert modes == {"MIRROR"}, (modes, mnt.status())
+        wait_until(lambda: replica_idle(rep), 10, "the replica to end the session")
+        assert tree(rig.replica_dir) == tree(rig.primary_dir)
 
 
 @pytest.mark.parametrize("ack", MODES)
