@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
-	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping
+	mariadb-server mariadb-client sysbench fio iproute2 nftables attr psmisc iputils-ping strace
 
 .PHONY: install install-system install-python test lint unit bench-fs bench-failover clean \
 	demo rig-up rig-down rig-status install-remote start-remote status-remote bench-resync \

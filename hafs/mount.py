@@ -65,6 +65,7 @@ def _fuse_fd() -> int:
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
                 return int(name)
+    log.warning("no /dev/fuse fd found: calls wait for replies through the event loop")
     return -1
 
 

@@ -132,6 +132,7 @@ class Replicator:
         self.resync_maxrate = 0  # bytes/s a resync's live passes send at most; 0: no cap
         self.resync_workers = manifest.WORKERS  # threads reading the tree (<rfs nbrei>)
         self.sent_ops = 0
+        self.inline_replies = 0  # replies a waiting call read itself (_wait_inline)
         self.ack_rtt = 0.0  # smoothed seconds from sending an op to its ACK
         self.sync_rtt = 0.0  # smoothed seconds from sending an FSYNC to its SYNCED
         self._token = b""  # the running resync's session token (hafs.state `session`)
@@ -289,6 +290,7 @@ class Replicator:
             self._reader.feed(data)
             try:
                 for frame in self._reader.frames():
+                    self.inline_replies += 1
                     self._on_frame(frame)
             except p.ProtocolError as e:
                 self.lose(f"stream failed: {e}")
@@ -371,7 +373,11 @@ class Replicator:
     # -- degrade -------------------------------------------------------------------------
 
     def lose(self, reason: str) -> None:
-        """The stream failed: HELD when fencing a mirroring mount, else ALONE (I5)."""
+        """The stream failed: HELD when fencing a mirroring mount, else ALONE (I5).
+
+        Once HELD, only the controller's word (`degrade` or `fence`) moves the mount on."""
+        if self.mode is Mode.HELD:
+            return
         if self.hold_on_loss and self.mode is Mode.MIRROR:
             self._end_stream()
             self.mode = Mode.HELD
@@ -575,11 +581,13 @@ class Replicator:
         yields after reading, and a call's `_wait_inline` could then read the next bytes
         first. Here no other task runs between reading bytes and feeding them."""
         assert raw is not None
-        while True:
+        while self._raw is raw:
             try:
                 await trio.lowlevel.wait_readable(raw)
             except trio.ClosedResourceError:
                 return  # _end_stream closed the stream
+            if self._raw is not raw:
+                return  # closed by _end_stream after the wakeup: the stream's fate is set
             try:
                 data = raw.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -598,7 +606,13 @@ class Replicator:
             started = self._sync_started.pop(seq, None)
             if started is not None:
                 self.sync_rtt = 0.9 * self.sync_rtt + 0.1 * (trio.current_time() - started)
-            self._sync_waiters.setdefault(seq, trio.Event()).set()
+            if started is not None and self.ack is Ack.RECEIPT:
+                # No call waits for an FSYNC op's SYNCED (the watchdog did): none to keep.
+                waiter = self._sync_waiters.get(seq)
+                if waiter is not None:
+                    waiter.set()
+            else:  # it may come before its call waits (the local fsync ran meanwhile)
+                self._sync_waiters.setdefault(seq, trio.Event()).set()
         elif frame.ftype is p.FrameType.FAILED:
             seq, err = p.FAILED_BODY.unpack(frame.payload)
             raise p.ProtocolError(f"replica could not apply op {seq}: {os.strerror(err)}")
@@ -687,6 +701,7 @@ class Replicator:
             "reason": self.reason,
             "acked": self._acked,
             "sent_ops": self.sent_ops,
+            "inline_replies": self.inline_replies,
             "ack_rtt_us": round(self.ack_rtt * 1e6),
             "sync_rtt_us": round(self.sync_rtt * 1e6),
             "inflight": len(self._inflight),

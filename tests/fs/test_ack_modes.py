@@ -7,10 +7,13 @@ crash of the primary the replica holds every fsynced record and a prefix of the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +36,56 @@ from tests.support.records import RECORD, RecordWriter, check_records, record
 
 MODES = ("fsync", "receipt")
 WRITERS = 8
+SLOW_SYNC = 0.6  # seconds strace makes every fdatasync of the replica take
+
+
+@contextlib.contextmanager
+def slow_fdatasync(pid: int) -> Iterator[None]:
+    """Every fdatasync of process PID (all its threads) takes SLOW_SYNC longer: a slow
+    disk on the replica, made with strace's fault injection (no hook in hafs)."""
+    delay_us = int(SLOW_SYNC * 1e6)
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-p", str(pid), "-e", "trace=fdatasync",
+         "-e", f"inject=fdatasync:delay_enter={delay_us}", "-o", "/dev/null"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert tracer.stderr is not None
+        # strace says "Process N attached" for each thread, the stream's included.
+        line = tracer.stderr.readline()
+        assert "attached" in line, f"strace did not attach: {line!r}"
+        time.sleep(0.2)  # the other threads' lines follow at once
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detaches, the replica goes on
+        tracer.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("ack", "waits_for_disk"), [("applied", True), ("fsync", True), ("receipt", False)]
+)
+def test_fsync_waits_for_the_replicas_disk_except_in_receipt_mode(
+    rig: Rig, ack: str, waits_for_disk: bool
+) -> None:
+    """applied and fsync: an fdatasync returns once the replica's disk has the data too;
+    receipt: once the replica applied it, before its disk sync (DRBD protocol B)."""
+    with rig.replica() as rep, rig.mount(extra_args=("--ack", ack)) as mnt:
+        path = rig.mountpoint / "commit.log"
+        write_file(path, b"")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with slow_fdatasync(rep.pid):
+                os.pwrite(fd, record(0), 0)
+                start = time.monotonic()
+                os.fdatasync(fd)
+                seconds = time.monotonic() - start
+        finally:
+            os.close(fd)
+        assert mnt.status()["mode"] == "MIRROR"
+    if waits_for_disk:
+        assert seconds >= SLOW_SYNC * 0.9, f"fdatasync took {seconds:.3f} s: not the replica's"
+    else:
+        assert seconds < SLOW_SYNC / 2, f"fdatasync took {seconds:.3f} s: waited for its disk"
 
 
 def write_and_fsync(path: Path, seconds: float) -> int:
@@ -71,7 +124,11 @@ def test_concurrent_writers_keep_the_stream_whole_and_the_copies_equal(rig: Rig,
             stop_checking.set()
             watcher.join(5)
             assert min(counts) > 10, counts
-            assert modes == {"MIRROR"}, (modes, mnt.status())
+            status = mnt.status()
+            assert modes == {"MIRROR"}, (modes, status)
+            # Calls read replies themselves, beside the receiver task: else this test
+            # proves nothing of how the two interleave.
+            assert status["inline_replies"] > 0, status
         wait_until(lambda: replica_idle(rep), 10, "the replica to end the session")
         assert tree(rig.replica_dir) == tree(rig.primary_dir)
 
