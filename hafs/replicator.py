@@ -287,11 +287,8 @@ class Replicator:
                 return
             if not data:
                 return  # end of stream: left to the receiver
-            self._reader.feed(data)
             try:
-                for frame in self._reader.frames():
-                    self.inline_replies += 1
-                    self._on_frame(frame)
+                self.inline_replies += self._on_bytes(data)
             except p.ProtocolError as e:
                 self.lose(f"stream failed: {e}")
                 return
@@ -594,9 +591,15 @@ class Replicator:
                 continue  # a call's inline wait read it first
             if not data:
                 raise p.ProtocolError("replica closed the connection")
-            self._reader.feed(data)
-            for frame in self._reader.frames():
-                self._on_frame(frame)
+            self._on_bytes(data)
+
+    def _on_bytes(self, data: bytes) -> int:
+        """Handle the replies in bytes just read from the stream; how many frames."""
+        self._reader.feed(data)
+        frames = self._reader.frames()
+        for frame in frames:
+            self._on_frame(frame)
+        return len(frames)
 
     def _on_frame(self, frame: p.Frame) -> None:
         if frame.ftype is p.FrameType.ACK:
@@ -606,12 +609,9 @@ class Replicator:
             started = self._sync_started.pop(seq, None)
             if started is not None:
                 self.sync_rtt = 0.9 * self.sync_rtt + 0.1 * (trio.current_time() - started)
-            if started is not None and self.ack is Ack.RECEIPT:
-                # No call waits for an FSYNC op's SYNCED (the watchdog did): none to keep.
-                waiter = self._sync_waiters.get(seq)
-                if waiter is not None:
-                    waiter.set()
-            else:  # it may come before its call waits (the local fsync ran meanwhile)
+            # It may come before its call waits (the local fsync ran meanwhile). In receipt
+            # mode no call waits for an FSYNC op's SYNCED (only the watchdog): none to keep.
+            if started is None or self.ack is not Ack.RECEIPT:
                 self._sync_waiters.setdefault(seq, trio.Event()).set()
         elif frame.ftype is p.FrameType.FAILED:
             seq, err = p.FAILED_BODY.unpack(frame.payload)

@@ -8,7 +8,6 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -254,20 +253,6 @@ def test_cheap_compare_needs_an_exact_replica_and_a_clean_journal() -> None:
 
 
 # ---------------------------------------------------------------------------- the server
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ReplicaServer]:
-    data = tmp_path / "data"
-    data.mkdir()
-    srv = ReplicaServer(str(data), ("127.0.0.1", 0), b"k" * 32, StateStore(tmp_path / "state"))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): closing alone does not
-    srv.stop()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 def test_replica_answers_block_requests_on_one_connection(server: ReplicaServer) -> None:

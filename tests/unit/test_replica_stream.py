@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,23 +21,8 @@ from hafs import ops, replica, wire
 from hafs import protocol as p
 from hafs.ops import Op, OpFrame
 from hafs.replica import ReplicaServer
-from hafs.state import StateStore
 
 ROOT = ops.ROOT_INO
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ReplicaServer]:
-    data = tmp_path / "data"
-    data.mkdir()
-    srv = ReplicaServer(str(data), ("127.0.0.1", 0), b"k" * 32, StateStore(tmp_path / "state"))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.listener.shutdown(socket.SHUT_RDWR)
-    srv.stop()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 @dataclass
