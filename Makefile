@@ -7,7 +7,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 
 .PHONY: install install-system install-python test lint unit bench-fs bench-failover clean \
 	demo rig-up rig-down rig-status install-remote start-remote status-remote bench-resync \
-	bench bench-quick
+	bench bench-quick bench-commit
 
 install: install-system install-python
 
@@ -54,6 +54,11 @@ bench: install
 
 bench-quick: install
 	$(PY) bench/mysql.py --quick $(BENCH_ARGS)
+
+# What one commit (4 KiB write + fdatasync) costs each hafs process, per ack mode, against a
+# standalone mount (bench/commit_path.py; BENCH_ARGS="--strace" adds the syscall counts).
+bench-commit: install
+	$(PY) bench/commit_path.py $(BENCH_ARGS)
 
 # The main job (tools/demo): rig up, client writes through the VIP, node1 loses power, failover
 # to node2 timed and checked, node1 reintegrates, swap back, summary, rig down (also on failure).
